@@ -1,0 +1,111 @@
+"""The student model: T5X `BaseModel`'s interface over the T5 network and the objective.
+
+Method names and signatures follow `t5x.models.EncoderDecoderModel`
+(`get_initial_variables`, `loss_fn`, `predict_batch`, `score_batch`), so the
+T5X bridge only has to subclass and forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import seqio
+
+from dsbs_jax import decoding, losses, network
+from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+Params = Any
+
+
+class StepByStepModel:
+  """A T5 student trained on L = sum_k w_k * mean CE of task k (label, rationale)."""
+
+  FEATURE_CONVERTER_CLS = StepByStepFeatureConverter
+
+  def __init__(self, module: network.Transformer, input_vocabulary: seqio.Vocabulary,
+               output_vocabulary: seqio.Vocabulary,
+               task_weights: Sequence[float] = (1.0, 1.0), label_smoothing: float = 0.0,
+               z_loss: float = 0.0):
+    if module.config.vocab_size < output_vocabulary.vocab_size:
+      raise ValueError(f'T5Config.vocab_size={module.config.vocab_size} is smaller than the '
+                       f'output vocabulary ({output_vocabulary.vocab_size} ids)')
+    self.module = module
+    self.input_vocabulary = input_vocabulary
+    self.output_vocabulary = output_vocabulary
+    self.task_weights = tuple(float(w) for w in task_weights)
+    self.label_smoothing = label_smoothing
+    self.z_loss = z_loss
+
+  def get_initial_variables(self, rng: Array, input_shapes: Mapping[str, Sequence[int]],
+                            input_types: Optional[Mapping[str, Any]] = None) -> Mapping[str, Any]:
+    """Boxed (logically partitioned) variables for inputs of these shapes."""
+    del input_types
+    enc = jnp.ones(input_shapes['encoder_input_tokens'], jnp.int32)
+    dec = jnp.ones(input_shapes['decoder_input_tokens'], jnp.int32)
+    return self.module.init({'params': rng}, enc, dec, dec, enable_dropout=False)
+
+  def _logits(self, params: Params, batch: Batch, dropout_rng: Optional[Array]) -> Array:
+    rngs = {'dropout': dropout_rng} if dropout_rng is not None else None
+    return self.module.apply(
+        {'params': params}, batch['encoder_input_tokens'], batch['decoder_input_tokens'],
+        batch['decoder_target_tokens'], batch.get('encoder_segment_ids'),
+        batch.get('decoder_segment_ids'), enable_dropout=dropout_rng is not None, rngs=rngs)
+
+  @staticmethod
+  def task_ids(batch: Batch) -> Array:
+    """[b, l] task of each target token; plain SeqIO batches count as label tokens."""
+    if 'decoder_task_ids' in batch:
+      return batch['decoder_task_ids']
+    weights = batch.get('decoder_loss_weights', batch['decoder_target_tokens'] > 0)
+    return jnp.where(weights > 0, losses.LABEL_TASK, losses.PAD_TASK)
+
+  def loss_fn(self, params: Params, batch: Batch,
+              dropout_rng: Optional[Array]) -> tuple[Array, dict[str, Array]]:
+    """(scalar loss, metrics) for a (possibly packed, multi-task) batch."""
+    logits = self._logits(params, batch, dropout_rng)
+    targets = batch['decoder_target_tokens']
+    token_loss, token_z = losses.token_cross_entropy(logits, targets, self.label_smoothing,
+                                                     self.z_loss)
+    task_ids = self.task_ids(batch)
+    loss, task_losses, counts = losses.multitask_loss(token_loss, task_ids, self.task_weights)
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    task_acc, _ = losses.per_task_mean(correct, task_ids, len(self.task_weights))
+    z_means, _ = losses.per_task_mean(token_z, task_ids, len(self.task_weights))
+    metrics = {'loss': loss, 'z_loss': jnp.sum(jnp.asarray(self.task_weights) * z_means)}
+    for i, name in enumerate(losses.TASK_NAMES[k] for k in range(1, len(self.task_weights) + 1)):
+      metrics[f'{name}/loss'] = task_losses[i]
+      metrics[f'{name}/accuracy'] = task_acc[i]
+      metrics[f'{name}/tokens'] = counts[i]
+    return loss, metrics
+
+  def score_batch(self, params: Params, batch: Batch) -> Array:
+    """[b] log-likelihood of each (unpacked) row's targets."""
+    logits = self._logits(params, batch, None)
+    token_loss, _ = losses.token_cross_entropy(logits, batch['decoder_target_tokens'])
+    weights = batch.get('decoder_loss_weights', batch['decoder_target_tokens'] > 0)
+    return -jnp.sum(token_loss * weights, axis=-1)
+
+  def predict_batch(self, params: Params, batch: Batch, rng: Optional[Array] = None,
+                    max_decode_length: Optional[int] = None) -> Array:
+    """[b, l] greedy tokens; l defaults to the batch's decoder length."""
+    del rng
+    enc_tokens = batch['encoder_input_tokens']
+    length = max_decode_length or batch['decoder_input_tokens'].shape[1]
+    variables = {'params': params}
+    encoded = self.module.apply(variables, enc_tokens, enable_dropout=False,
+                                method=network.Transformer.encode)
+
+    def run_decoder(tokens, cache):
+      state = dict(variables, cache=cache) if cache is not None else variables
+      logits, new_vars = self.module.apply(
+          state, encoded, enc_tokens, tokens, enable_dropout=False, decode=True,
+          max_decode_length=length, method=network.Transformer.decode, mutable=['cache'])
+      return logits[:, -1], new_vars['cache']
+
+    _, cache = run_decoder(jnp.zeros((enc_tokens.shape[0], length), jnp.int32), None)
+    return decoding.greedy_decode(run_decoder, cache, enc_tokens.shape[0], length,
+                                  eos_id=self.output_vocabulary.eos_id)

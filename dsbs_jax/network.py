@@ -1,0 +1,472 @@
+"""The T5 encoder-decoder in Flax linen.
+
+Parameter names follow T5X's `t5x/examples/t5/network.py` (so T5X checkpoints
+map one-to-one) and every parameter and main activation carries logical axis
+names (`batch`, `length`, `embed`, `mlp`, `heads`, `kv`, `joined_kv`, `vocab`,
+`relpos_buckets`) that `dsbs_jax.partitioning` maps onto a device mesh.
+
+Shapes use b = batch, l = length (q/k for query/key), e = embed, h = heads,
+d = head_dim, v = vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+_NEG_INF = -1e10
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    'gelu': functools.partial(jax.nn.gelu, approximate=True),
+    'gelu_exact': functools.partial(jax.nn.gelu, approximate=False),
+    'relu': jax.nn.relu,
+    'silu': jax.nn.silu,
+    'linear': lambda x: x,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Hyperparameters of a T5 network (T5X's field names).
+
+  `mlp_activations=('gelu', 'linear')` with `logits_via_embedding=False` is
+  T5 v1.1 (gated-GELU, untied head); `('relu',)` with `True` is T5 v1.0.
+  """
+
+  vocab_size: int
+  emb_dim: int
+  num_heads: int
+  num_encoder_layers: int
+  num_decoder_layers: int
+  head_dim: int
+  mlp_dim: int
+  mlp_activations: Sequence[str] = ('gelu', 'linear')
+  logits_via_embedding: bool = False
+  dropout_rate: float = 0.1
+  dtype: str = 'float32'
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  layer_norm_epsilon: float = 1e-6
+  remat: bool = False
+
+  def __post_init__(self):
+    for name in ('vocab_size', 'emb_dim', 'num_heads', 'num_encoder_layers',
+                 'num_decoder_layers', 'head_dim', 'mlp_dim'):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f'T5Config.{name} must be >= 1, got {getattr(self, name)}')
+    unknown = [a for a in self.mlp_activations if a not in ACTIVATIONS]
+    if unknown:
+      raise ValueError(f'T5Config.mlp_activations: unknown {unknown}; '
+                       f'choose from {sorted(ACTIVATIONS)}')
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f'T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}')
+    object.__setattr__(self, 'mlp_activations', tuple(self.mlp_activations))
+
+  @property
+  def activation_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+
+def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> np.ndarray:
+  """Maps `memory_pos - query_pos` to T5's log-spaced buckets.
+
+  Computed in float32 exactly as HF/Mesh-TF do, so bucket edges agree. Positions
+  are static, so this runs in numpy at trace time.
+  """
+  rp = relative_position.astype(np.int64)
+  buckets = np.zeros_like(rp)
+  if bidirectional:
+    num_buckets //= 2
+    buckets += (rp > 0).astype(np.int64) * num_buckets
+    rp = np.abs(rp)
+  else:
+    rp = -np.minimum(rp, 0)
+  max_exact = num_buckets // 2
+  is_small = rp < max_exact
+  with np.errstate(divide='ignore'):
+    large = np.log(rp.astype(np.float32) / np.float32(max_exact))
+    large = large / np.float32(math.log(max_distance / max_exact))
+    large = large * np.float32(num_buckets - max_exact)
+  large = max_exact + np.where(is_small, 0, large).astype(np.int64)
+  large = np.minimum(large, num_buckets - 1)
+  return buckets + np.where(is_small, rp, large)
+
+
+class Dense(nn.Module):
+  """A bias-free projection whose kernel is stored 2-D, as in T5X checkpoints."""
+
+  features: int
+  kernel_axes: tuple[str, str]
+  kernel_init: Initializer
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param(
+        'kernel', nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+        (x.shape[-1], self.features), jnp.float32)
+    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class Embed(nn.Module):
+  """Token embedding; `attend` gives the tied output projection of T5 v1.0."""
+
+  num_embeddings: int
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        'embedding',
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ('vocab', 'embed')),
+        (self.num_embeddings, self.features), jnp.float32)
+
+  def __call__(self, tokens: Array) -> Array:
+    """[b, l] int -> [b, l, e]."""
+    return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+  def attend(self, x: Array) -> Array:
+    """[b, l, e] -> [b, l, v]."""
+    return jnp.dot(x.astype(self.dtype), self.embedding.astype(self.dtype).T)
+
+
+class RMSNorm(nn.Module):
+  """T5's layer norm: scale only, no mean subtraction, computed in float32."""
+
+  epsilon: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+                       (x.shape[-1],), jnp.float32)
+    return (y * scale).astype(self.dtype)
+
+
+class RelativePositionBias(nn.Module):
+  """Learned per-head bias for each relative-position bucket, shared by all layers."""
+
+  num_buckets: int
+  max_distance: int
+  num_heads: int
+  bidirectional: bool
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, q_len: int, k_len: int) -> Array:
+    """Returns [1, h, q, k]."""
+    rp = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]
+    buckets = relative_position_bucket(rp, self.bidirectional, self.num_buckets, self.max_distance)
+    table = self.param(
+        'rel_embedding',
+        nn.with_logical_partitioning(nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform'),
+                                     ('heads', 'relpos_buckets')),
+        (self.num_heads, self.num_buckets), jnp.float32)
+    return table[:, jnp.asarray(buckets, jnp.int32)][None].astype(self.dtype)
+
+
+def dot_product_attention(query: Array, key: Array, value: Array, bias: Array,
+                          dropout_rng: Optional[Array], dropout_rate: float,
+                          dtype: jnp.dtype) -> Array:
+  """Unscaled attention, as T5 folds 1/sqrt(d) into the query initialisation.
+
+  query [b, q, h, d], key/value [b, k, h, d], bias [b|1, h|1, q, k] (masks
+  included as large negatives) -> [b, q, h, d]. Logits and softmax in float32.
+  """
+  logits = jnp.einsum('bqhd,bkhd->bhqk', query, key, preferred_element_type=jnp.float32)
+  weights = jax.nn.softmax(logits + bias.astype(jnp.float32), axis=-1).astype(dtype)
+  if dropout_rng is not None and dropout_rate > 0.0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0).astype(dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', weights, value)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention with an optional key/value cache for decoding.
+
+  In decode mode a self-attention layer appends this step's key/value to the
+  cache, and a cross-attention layer (`static_kv`) projects the encoder output
+  once, when the cache is created, and reuses it at every step.
+  """
+
+  config: T5Config
+  static_kv: bool = False
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array, *,
+               deterministic: bool, decode: bool = False) -> Array:
+    """inputs_q [b, q, e], inputs_kv [b, k, e], bias [b|1, h|1, q, k] -> [b, q, e].
+
+    In self-attention decode mode q = 1 and `bias` is the full [1, h, L, L]
+    position bias over the cache length L; the row for the current step is
+    sliced out here.
+    """
+    cfg = self.config
+    dtype = cfg.activation_dtype
+    hd = cfg.num_heads * cfg.head_dim
+    fan_in = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
+    query_init = nn.initializers.variance_scaling(1.0 / cfg.head_dim, 'fan_in', 'normal')
+    proj = functools.partial(Dense, features=hd, kernel_axes=('embed', 'joined_kv'), dtype=dtype)
+
+    def split_heads(x: Array) -> Array:
+      x = x.reshape(x.shape[:2] + (cfg.num_heads, cfg.head_dim))
+      return nn.with_logical_constraint(x, ('batch', 'length', 'heads', 'kv'))
+
+    query = split_heads(proj(kernel_init=query_init, name='query')(inputs_q))
+    key_proj = proj(kernel_init=fan_in, name='key')
+    value_proj = proj(kernel_init=fan_in, name='value')
+
+    if decode and self.static_kv:
+      cached_key = self.variable('cache', 'cached_key',
+                                 lambda: split_heads(key_proj(inputs_kv)))
+      cached_value = self.variable('cache', 'cached_value',
+                                   lambda: split_heads(value_proj(inputs_kv)))
+      key, value = cached_key.value, cached_value.value
+    else:
+      key = split_heads(key_proj(inputs_kv))
+      value = split_heads(value_proj(inputs_kv))
+
+    if decode and not self.static_kv:
+      initialized = self.has_variable('cache', 'cached_key')
+      cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
+      cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
+      cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
+      if initialized:
+        length = cached_key.value.shape[1]
+        if inputs_q.shape[1] != 1:
+          raise ValueError('Decoding consumes one token per step; got '
+                           f'{inputs_q.shape[1]} tokens.')
+        idx = cache_index.value
+        key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
+                                           (0, idx, 0, 0))
+        value = jax.lax.dynamic_update_slice(cached_value.value,
+                                             value.astype(cached_value.value.dtype), (0, idx, 0, 0))
+        cached_key.value, cached_value.value = key, value
+        cache_index.value = idx + 1
+        bias = jax.lax.dynamic_slice_in_dim(bias, idx, 1, axis=-2)
+        causal = jnp.where(jnp.arange(length) <= idx, 0.0, _NEG_INF)
+        bias = bias + causal[None, None, None, :].astype(bias.dtype)
+
+    dropout_rng = None
+    if not deterministic and cfg.dropout_rate > 0.0:
+      dropout_rng = self.make_rng('dropout')
+    out = dot_product_attention(query, key, value, bias, dropout_rng, cfg.dropout_rate, dtype)
+    out = out.reshape(out.shape[:2] + (hd,))
+    out = nn.with_logical_constraint(out, ('batch', 'length', 'joined_kv'))
+    return Dense(cfg.emb_dim, ('joined_kv', 'embed'), fan_in, dtype, name='out')(out)
+
+
+class MlpBlock(nn.Module):
+  """Position-wise feed-forward: gated when more than one activation is given."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    """[b, l, e] -> [b, l, e]."""
+    cfg = self.config
+    dtype = cfg.activation_dtype
+    init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
+    acts = cfg.mlp_activations
+    hidden = None
+    for i, act in enumerate(acts):
+      name = f'wi_{i}' if len(acts) > 1 else 'wi'
+      h = ACTIVATIONS[act](Dense(cfg.mlp_dim, ('embed', 'mlp'), init, dtype, name=name)(x))
+      hidden = h if hidden is None else hidden * h
+    hidden = nn.with_logical_constraint(hidden, ('batch', 'length', 'mlp'))
+    hidden = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(hidden, deterministic=deterministic)
+    return Dense(cfg.emb_dim, ('mlp', 'embed'), init, dtype, name='wo')(hidden)
+
+
+def _constrain(x: Array) -> Array:
+  return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+
+
+class EncoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    dtype = cfg.activation_dtype
+    drop = lambda y: nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
+    y = RMSNorm(cfg.layer_norm_epsilon, dtype, name='pre_attention_layer_norm')(x)
+    y = MultiHeadAttention(cfg, name='attention')(y, y, bias, deterministic=deterministic)
+    x = _constrain(x + drop(y))
+    y = RMSNorm(cfg.layer_norm_epsilon, dtype, name='pre_mlp_layer_norm')(x)
+    y = MlpBlock(cfg, name='mlp')(y, deterministic=deterministic)
+    return _constrain(x + drop(y))
+
+
+class DecoderLayer(nn.Module):
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array,
+               deterministic: bool, decode: bool) -> Array:
+    cfg = self.config
+    dtype = cfg.activation_dtype
+    drop = lambda y: nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
+    y = RMSNorm(cfg.layer_norm_epsilon, dtype, name='pre_self_attention_layer_norm')(x)
+    y = MultiHeadAttention(cfg, name='self_attention')(
+        y, y, self_bias, deterministic=deterministic, decode=decode)
+    x = _constrain(x + drop(y))
+    y = RMSNorm(cfg.layer_norm_epsilon, dtype, name='pre_cross_attention_layer_norm')(x)
+    y = MultiHeadAttention(cfg, static_kv=True, name='encoder_decoder_attention')(
+        y, encoded, cross_bias, deterministic=deterministic, decode=decode)
+    x = _constrain(x + drop(y))
+    y = RMSNorm(cfg.layer_norm_epsilon, dtype, name='pre_mlp_layer_norm')(x)
+    y = MlpBlock(cfg, name='mlp')(y, deterministic=deterministic)
+    return _constrain(x + drop(y))
+
+
+def _maybe_remat(cls: type[nn.Module], cfg: T5Config, static_argnums: tuple[int, ...]):
+  return nn.remat(cls, static_argnums=static_argnums) if cfg.remat else cls
+
+
+def attention_bias(query_valid: Array, key_valid: Array,
+                   query_segments: Optional[Array] = None,
+                   key_segments: Optional[Array] = None,
+                   causal: bool = False) -> Array:
+  """Additive mask: 0 where a query may attend a key, a large negative elsewhere.
+
+  query_valid [b, q] bool, key_valid [b, k] bool, segments [b, q] / [b, k]
+  (packed examples attend only within their segment) -> [b, 1, q, k] float32.
+  """
+  mask = query_valid[:, None, :, None] & key_valid[:, None, None, :]
+  if query_segments is not None and key_segments is not None:
+    mask &= query_segments[:, None, :, None] == key_segments[:, None, None, :]
+  if causal:
+    q, k = query_valid.shape[1], key_valid.shape[1]
+    mask &= (jnp.arange(q)[:, None] >= jnp.arange(k)[None, :])[None, None]
+  return jnp.where(mask, 0.0, _NEG_INF).astype(jnp.float32)
+
+
+class Encoder(nn.Module):
+  config: T5Config
+  shared_embedding: Embed
+
+  @nn.compact
+  def __call__(self, tokens: Array, segment_ids: Optional[Array], deterministic: bool) -> Array:
+    """[b, l] -> [b, l, e]."""
+    cfg = self.config
+    dtype = cfg.activation_dtype
+    valid = tokens > 0
+    bias = attention_bias(valid, valid, segment_ids, segment_ids)
+    bias = bias + RelativePositionBias(cfg.relative_attention_num_buckets,
+                                       cfg.relative_attention_max_distance, cfg.num_heads,
+                                       bidirectional=True, dtype=jnp.float32,
+                                       name='relpos_bias')(tokens.shape[1], tokens.shape[1])
+    x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
+        self.shared_embedding(tokens), deterministic=deterministic)
+    x = _constrain(x)
+    layer_cls = _maybe_remat(EncoderLayer, cfg, static_argnums=(3,))
+    for i in range(cfg.num_encoder_layers):
+      x = layer_cls(cfg, name=f'layers_{i}')(x, bias, deterministic)
+    x = RMSNorm(cfg.layer_norm_epsilon, dtype, name='encoder_norm')(x)
+    return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+
+
+class Decoder(nn.Module):
+  config: T5Config
+  shared_embedding: Embed
+
+  @nn.compact
+  def __call__(self, encoded: Array, encoder_tokens: Array, decoder_input_tokens: Array,
+               decoder_target_tokens: Optional[Array], encoder_segment_ids: Optional[Array],
+               decoder_segment_ids: Optional[Array], deterministic: bool, decode: bool,
+               max_decode_length: Optional[int]) -> Array:
+    """Returns logits [b, l, v] in float32."""
+    cfg = self.config
+    dtype = cfg.activation_dtype
+    enc_valid = encoder_tokens > 0
+    if decode:
+      length = max_decode_length or decoder_input_tokens.shape[1]
+      dec_valid = jnp.ones(decoder_input_tokens.shape, bool)
+      self_bias = 0.0
+    else:
+      length = decoder_input_tokens.shape[1]
+      dec_valid = (decoder_target_tokens if decoder_target_tokens is not None
+                   else jnp.ones_like(decoder_input_tokens)) > 0
+      self_bias = attention_bias(dec_valid, dec_valid, decoder_segment_ids, decoder_segment_ids,
+                                 causal=True)
+    self_bias = self_bias + RelativePositionBias(
+        cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads,
+        bidirectional=False, dtype=jnp.float32, name='relpos_bias')(length, length)
+    cross_bias = attention_bias(dec_valid, enc_valid, decoder_segment_ids, encoder_segment_ids)
+
+    y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
+        self.shared_embedding(decoder_input_tokens), deterministic=deterministic)
+    y = _constrain(y)
+    layer_cls = _maybe_remat(DecoderLayer, cfg, static_argnums=(5, 6))
+    for i in range(cfg.num_decoder_layers):
+      y = layer_cls(cfg, name=f'layers_{i}')(y, encoded, self_bias, cross_bias, deterministic, decode)
+    y = RMSNorm(cfg.layer_norm_epsilon, dtype, name='decoder_norm')(y)
+    y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
+    if cfg.logits_via_embedding:
+      logits = self.shared_embedding.attend(y) / jnp.sqrt(jnp.asarray(cfg.emb_dim, dtype))
+    else:
+      logits = Dense(cfg.vocab_size, ('embed', 'vocab'),
+                     nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal'),
+                     dtype, name='logits_dense')(y)
+    logits = nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
+    return logits.astype(jnp.float32)
+
+
+class Transformer(nn.Module):
+  """T5 encoder-decoder with T5X's call signature."""
+
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.shared_embedding = Embed(cfg.vocab_size, cfg.emb_dim, cfg.activation_dtype,
+                                  name='token_embedder')
+    self.encoder = Encoder(cfg, self.shared_embedding)
+    self.decoder = Decoder(cfg, self.shared_embedding)
+
+  def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None,
+             enable_dropout: bool = True) -> Array:
+    """[b, l_in] -> [b, l_in, e]."""
+    return self.encoder(encoder_input_tokens, encoder_segment_ids, not enable_dropout)
+
+  def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
+             decoder_target_tokens: Optional[Array] = None,
+             encoder_segment_ids: Optional[Array] = None,
+             decoder_segment_ids: Optional[Array] = None,
+             enable_dropout: bool = True, decode: bool = False,
+             max_decode_length: Optional[int] = None) -> Array:
+    """Decoder logits [b, l_out, v] given the encoder output."""
+    return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens,
+                        decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
+                        not enable_dropout, decode, max_decode_length)
+
+  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+               decoder_target_tokens: Array, encoder_segment_ids: Optional[Array] = None,
+               decoder_segment_ids: Optional[Array] = None,
+               encoder_positions: Optional[Array] = None,
+               decoder_positions: Optional[Array] = None, *,
+               enable_dropout: bool = True, decode: bool = False) -> Array:
+    """Teacher-forced logits [b, l_out, v].
+
+    Positions are accepted for T5X compatibility; relative attention only needs
+    offsets within a segment, which the segment ids already delimit.
+    """
+    del encoder_positions, decoder_positions
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                       decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
+                       enable_dropout, decode)

@@ -1,0 +1,273 @@
+"""Training entry point: `dsbs-train` / `python -m dsbs_jax.train`, configured by gin.
+
+Flags mirror `t5x.train`: `--gin_file`, `--gin.KEY=VALUE` (or `--gin_bindings`)
+and `--gin_search_paths`. `train()` is the one function gin configures; the
+library objects it receives (model, optimizer, partitioner) are plain Python.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import difflib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Any, Mapping, Optional, Sequence  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import seqio  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from dsbs_jax import hf_checkpoint  # noqa: E402
+from dsbs_jax.checkpoints import Checkpointer  # noqa: E402
+from dsbs_jax.errors import ConfigError  # noqa: E402
+from dsbs_jax.evaluation import Evaluator  # noqa: E402
+from dsbs_jax.models import StepByStepModel  # noqa: E402
+from dsbs_jax.monitoring import MetricWriter, Progress  # noqa: E402
+from dsbs_jax.optimizers import Optimizer  # noqa: E402
+from dsbs_jax.partitioning import Partitioner  # noqa: E402
+from dsbs_jax.trainer import TrainState, Trainer  # noqa: E402
+
+log = logging.getLogger('dsbs_jax')
+REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'gin')
+
+
+def _check_task(name: str) -> None:
+  known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+  if name not in known:
+    close = difflib.get_close_matches(name, known, n=5)
+    hint = f' Did you mean: {", ".join(close)}?' if close else ''
+    raise ConfigError(f'MIXTURE_OR_TASK_NAME {name!r} is not a registered SeqIO task or '
+                      f'mixture.{hint} (`dsbs-train --list_tasks` lists them.)')
+
+
+def _check_lengths(task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
+  lengths = dict(task_feature_lengths)
+  for key in ('inputs', 'targets'):
+    if key not in lengths:
+      raise ConfigError(f'TASK_FEATURE_LENGTHS must set {key!r}; got {lengths}')
+    if not isinstance(lengths[key], int) or lengths[key] < 1:
+      raise ConfigError(f'TASK_FEATURE_LENGTHS[{key!r}] must be an integer >= 1; '
+                        f'got {lengths[key]!r}')
+  return lengths
+
+
+def _check_model_dir(model_dir: str) -> str:
+  model_dir = os.path.abspath(os.path.expanduser(model_dir))
+  try:
+    os.makedirs(model_dir, exist_ok=True)
+    probe = os.path.join(model_dir, '.write_test')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f'MODEL_DIR {model_dir!r} cannot be written: {e.strerror or e}') from None
+  return model_dir
+
+
+def _load_initial_params(path: str, state: TrainState, trainer: Trainer,
+                         input_shapes: Mapping[str, tuple[int, ...]]) -> TrainState:
+  """Params from a HF `save_pretrained` directory or a dsbs checkpoint directory."""
+  if os.path.exists(os.path.join(path, 'config.json')):
+    config, params = hf_checkpoint.load_hf_checkpoint(path)
+    ours = trainer.model.module.config
+    mismatched = [f for f in ('vocab_size', 'emb_dim', 'num_heads', 'num_encoder_layers',
+                              'num_decoder_layers', 'head_dim', 'mlp_dim', 'mlp_activations',
+                              'logits_via_embedding') if getattr(config, f) != getattr(ours, f)]
+    if mismatched:
+      raise ConfigError(f'INITIAL_CHECKPOINT_PATH {path}: its config differs from the model in '
+                        f'{mismatched}; choose the matching gin/models file')
+    shardings = trainer.state_shardings(input_shapes).params
+    params = jax.tree_util.tree_map(lambda x, s: jax.device_put(np.asarray(x), s), params, shardings)
+    return state.replace(params=params)
+  if not os.path.isdir(path):
+    raise ConfigError(f'INITIAL_CHECKPOINT_PATH {path!r} does not exist')
+  restored, _ = Checkpointer(path, async_save=False).restore(trainer.abstract_state(input_shapes))
+  return state.replace(params=restored.params)
+
+
+def _dataset(name: str, lengths: Mapping[str, int], batch_size: int, model: StepByStepModel,
+             pack: bool, seed: int, use_cached: bool) -> tf.data.Dataset:
+  """The infinite, deterministic training stream of this process's shard."""
+  if batch_size % jax.process_count():
+    raise ConfigError(f'BATCH_SIZE={batch_size} must divide over {jax.process_count()} processes')
+  return seqio.get_dataset(
+      name, task_feature_lengths=lengths, dataset_split='train', shuffle=True, num_epochs=None,
+      seed=seed, use_cached=use_cached, feature_converter=model.FEATURE_CONVERTER_CLS(pack=pack),
+      shard_info=seqio.ShardInfo(jax.process_index(), jax.process_count()),
+      batch_size=batch_size // jax.process_count())
+
+
+def _mean_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
+  stacked = jax.device_get(history)
+  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+          train_steps: int, batch_size: int, model: StepByStepModel, optimizer: Optimizer,
+          partitioner: Optional[Partitioner] = None, pack: bool = True, seed: int = 0,
+          log_period: int = 50, eval_period: int = 0, eval_split: str = 'validation',
+          final_eval_split: Optional[str] = 'test', eval_batch_size: Optional[int] = None,
+          eval_num_examples: Optional[int] = None, checkpoint_period: int = 1000,
+          keep_checkpoints: int = 3, initial_checkpoint_path: Optional[str] = None,
+          use_cached: bool = False) -> dict[str, Any]:
+  """Trains `model` on a SeqIO task/mixture, resuming from MODEL_DIR if it holds a checkpoint.
+
+  Returns {'step', 'train': last logged metrics, 'eval': {split: metrics}}; the
+  same summary is written to MODEL_DIR/results.json.
+  """
+  _check_task(mixture_or_task_name)
+  lengths = _check_lengths(task_feature_lengths)
+  model_dir = _check_model_dir(model_dir)
+  if train_steps < 1 or batch_size < 1:
+    raise ConfigError(f'TRAIN_STEPS and BATCH_SIZE must be >= 1; got {train_steps}, {batch_size}')
+  partitioner = partitioner or Partitioner()
+  if batch_size % partitioner.data_size:
+    raise ConfigError(f'BATCH_SIZE={batch_size} must be divisible by the data axis '
+                      f'({partitioner.data_size})')
+  log.info('%s; model %s', partitioner.describe(), model.module.config)
+
+  converter = model.FEATURE_CONVERTER_CLS(pack=pack)
+  feature_lengths = converter.get_model_feature_lengths(lengths)
+  input_shapes = {k: (batch_size, feature_lengths[k])
+                  for k in ('encoder_input_tokens', 'decoder_input_tokens')}
+  trainer = Trainer(model, optimizer, partitioner, seed)
+  checkpointer = Checkpointer(os.path.join(model_dir, 'checkpoints'), checkpoint_period,
+                              keep_checkpoints)
+  if checkpointer.latest_step() is not None:
+    state, consumed = checkpointer.restore(trainer.abstract_state(input_shapes))
+    log.info('Resumed from %s at step %d', checkpointer.directory, int(state.step))
+  else:
+    state, consumed = trainer.create_state(input_shapes), 0
+    if initial_checkpoint_path:
+      state = _load_initial_params(initial_checkpoint_path, state, trainer, input_shapes)
+      log.info('Initialised parameters from %s', initial_checkpoint_path)
+  n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+  log.info('%.2fM parameters', n_params / 1e6)
+
+  batches = _dataset(mixture_or_task_name, lengths, batch_size, model, pack, seed,
+                     use_cached).skip(consumed).as_numpy_iterator()
+  train_step = trainer.compile_train_step(input_shapes)
+  is_chief = jax.process_index() == 0
+  writer = MetricWriter(os.path.join(model_dir, 'train'), enabled=is_chief)
+  param_shardings = trainer.state_shardings(input_shapes).params
+
+  def evaluator(split: str) -> Evaluator:
+    return Evaluator(mixture_or_task_name, split, lengths, model, partitioner,
+                     eval_batch_size or batch_size, param_shardings,
+                     os.path.join(model_dir, 'inference_eval') if is_chief else None,
+                     eval_num_examples)
+
+  step = int(state.step)
+  progress = Progress(train_steps, step)
+  history, last_logged, compiled = [], {}, False
+  t_start = time.perf_counter()
+  valid_eval = evaluator(eval_split) if eval_period else None
+  while step < train_steps:
+    state, metrics = train_step(state, partitioner.shard_batch(next(batches)))
+    step, consumed = step + 1, consumed + 1
+    history.append(metrics)
+    if not compiled:
+      compiled = True
+      jax.block_until_ready(metrics)
+      log.info('First step (with compilation) took %.1fs', time.perf_counter() - t_start)
+      progress.start(step)
+      history = []
+    elif step % log_period == 0 or step == train_steps:
+      last_logged = _mean_metrics(history)
+      history = []
+      if not np.isfinite(last_logged['loss']):
+        raise FloatingPointError(f'loss is {last_logged["loss"]} at step {step}; the last '
+                                 f'checkpoint in {checkpointer.directory} is kept')
+      rate = progress.report(step, {k: last_logged[k] for k in ('loss', 'label/loss',
+                                                                 'rationale/loss')
+                                    if k in last_logged})
+      tokens = last_logged.get('label/tokens', 0) + last_logged.get('rationale/tokens', 0)
+      writer.write(step, {**last_logged, 'steps_per_sec': rate,
+                          'examples_per_sec': rate * batch_size, 'tokens_per_sec': rate * tokens})
+    checkpointer.save(step, state, consumed)
+    if valid_eval is not None and step % eval_period == 0 and step < train_steps:
+      log.info('%s %s: %s', eval_split, step, valid_eval.evaluate(state.params, step))
+  if checkpointer.latest_step() != step:
+    checkpointer.save(step, state, consumed, force=True)
+  checkpointer.close()
+  writer.close()
+
+  results: dict[str, Any] = {'step': step, 'train': last_logged, 'eval': {}}
+  for split in dict.fromkeys(s for s in (eval_split if eval_period else None, final_eval_split) if s):
+    results['eval'][split] = evaluator(split).evaluate(state.params, step)
+    log.info('%s metrics at step %d: %s', split, step, results['eval'][split])
+  if is_chief:
+    with open(os.path.join(model_dir, 'results.json'), 'w') as f:
+      json.dump(results, f, indent=2)
+  log.info('Done in %.1fs. Outputs in %s', time.perf_counter() - t_start, model_dir)
+  return results
+
+
+def _rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+  """`--gin.KEY=VALUE` -> `--gin_bindings=KEY = VALUE`, as t5x does."""
+  out = []
+  for arg in argv:
+    if arg.startswith('--gin.'):
+      key, sep, value = arg[len('--gin.'):].partition('=')
+      if not sep:
+        raise ConfigError(f'{arg}: expected --gin.KEY=VALUE')
+      arg = f'--gin_bindings={key} = {value}'
+    out.append(arg)
+  return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  from absl import flags
+  import gin
+
+  fv = flags.FlagValues()
+  flags.DEFINE_multi_string('gin_file', [], 'Gin config files, applied in order.', flag_values=fv)
+  flags.DEFINE_multi_string('gin_bindings', [], 'Individual gin bindings.', flag_values=fv)
+  flags.DEFINE_multi_string('gin_search_paths', ['.'], 'Paths searched for gin files.',
+                            flag_values=fv)
+  flags.DEFINE_boolean('list_tasks', False, 'Print registered tasks and mixtures, then exit.',
+                       flag_values=fv)
+  logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(levelname)s %(message)s',
+                      datefmt='%H:%M:%S', stream=sys.stdout, force=True)
+  log.setLevel(logging.INFO)
+  # gin logs each search-path miss of an include at ERROR; only a final miss matters.
+  logging.getLogger().addFilter(lambda r: not r.getMessage().startswith('Path not found'))
+  argv = list(sys.argv if argv is None else argv)
+  try:
+    fv(_rewrite_gin_args(argv))
+    tf.config.set_visible_devices([], 'GPU')
+    if fv.list_tasks:
+      import dsbs_jax.data.demo  # noqa: F401  registers the demo
+      print('\n'.join(sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))))
+      return 0
+    for path in [*fv.gin_search_paths, REPO_GIN_DIR]:
+      gin.add_config_file_search_path(path)
+    gin.parse_config_files_and_bindings(fv.gin_file, fv.gin_bindings, finalize_config=True)
+    from dsbs_jax import train as train_module  # the gin-registered copy under `python -m`
+    configured = gin.get_configurable(train_module.train)
+    required = ('model_dir', 'mixture_or_task_name', 'task_feature_lengths', 'train_steps',
+                'batch_size', 'model', 'optimizer')
+    configured(**{name: gin.REQUIRED for name in required})
+  except (ConfigError, flags.Error, FileNotFoundError, FloatingPointError) as e:
+    print(f'dsbs-train: error: {e}', file=sys.stderr)
+    return 2
+  except (ValueError, TypeError, KeyError, NameError) as e:
+    if 'gin' not in type(e).__module__ and 'gin' not in str(e).lower() and 'binding' not in str(e):
+      raise
+    print(f'dsbs-train: gin configuration error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+def console_main() -> None:
+  sys.exit(main())
+
+
+if __name__ == '__main__':
+  console_main()

@@ -1,0 +1,117 @@
+"""The Trainer: a sharded train state and the jitted step of the combined objective."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec
+
+from dsbs_jax.models import StepByStepModel
+from dsbs_jax.optimizers import Optimizer
+from dsbs_jax.partitioning import Partitioner
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array
+  params: Any
+  opt_state: Any
+  rng: Array
+
+
+def _path_names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+
+
+def optimizer_state_specs(opt_shapes: Any, param_specs: Any, param_shapes: Any) -> Any:
+  """Logical specs for optimizer state: a leaf shaped like the parameter it tracks
+  (Adam's mu/nu, found by the parameter's path as a suffix) shards like it;
+  anything else (counts, Adafactor's factored moments) is replicated."""
+  by_path = {}
+  for (path, spec), shape in zip(
+      jax.tree_util.tree_flatten_with_path(param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0],
+      jax.tree_util.tree_leaves(param_shapes)):
+    by_path[_path_names(path)] = (spec, shape.shape)
+
+  def spec_for(path, leaf):
+    names = _path_names(path)
+    for start in range(len(names)):
+      hit = by_path.get(names[start:])
+      if hit is not None and hit[1] == leaf.shape:
+        return hit[0]
+    return PartitionSpec()
+
+  return jax.tree_util.tree_map_with_path(spec_for, opt_shapes)
+
+
+class Trainer:
+  """Owns the jitted, sharded train step; the loop around it lives in `dsbs_jax.train`."""
+
+  def __init__(self, model: StepByStepModel, optimizer: Optimizer, partitioner: Partitioner,
+               seed: int = 0):
+    self.model = model
+    self.optimizer = optimizer
+    self.partitioner = partitioner
+    self.seed = seed
+
+  def _init_state(self, input_shapes: Mapping[str, tuple[int, ...]]) -> TrainState:
+    rng = jax.random.PRNGKey(self.seed)
+    init_rng, train_rng = jax.random.split(rng)
+    variables = self.model.get_initial_variables(init_rng, input_shapes)
+    params = nn.meta.unbox(variables['params'])
+    return TrainState(step=jnp.array(0, jnp.int32), params=params,
+                      opt_state=self.optimizer.tx.init(params), rng=train_rng)
+
+  def state_shardings(self, input_shapes: Mapping[str, tuple[int, ...]]) -> TrainState:
+    """NamedShardings of every leaf of the train state, from the logical axes."""
+    boxed = jax.eval_shape(
+        lambda: self.model.get_initial_variables(jax.random.PRNGKey(0), input_shapes))
+    param_specs = nn.get_partition_spec(boxed['params'])
+    abstract = jax.eval_shape(lambda: self._init_state(input_shapes))
+    opt_specs = optimizer_state_specs(abstract.opt_state, param_specs, abstract.params)
+    specs = TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs,
+                       rng=PartitionSpec())
+    return self.partitioner.shardings(specs)
+
+  def abstract_state(self, input_shapes: Mapping[str, tuple[int, ...]]) -> TrainState:
+    """The state's shapes, dtypes and shardings, without allocating it."""
+    shapes = jax.eval_shape(lambda: self._init_state(input_shapes))
+    return jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        shapes, self.state_shardings(input_shapes))
+
+  def create_state(self, input_shapes: Mapping[str, tuple[int, ...]]) -> TrainState:
+    """A freshly initialised state, created directly in its sharded layout."""
+    with self.partitioner.activate():
+      return jax.jit(lambda: self._init_state(input_shapes),
+                     out_shardings=self.state_shardings(input_shapes))()
+
+  def _train_step(self, state: TrainState, batch: Mapping[str, Array]) -> tuple[TrainState, dict]:
+    dropout_rng = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.value_and_grad(self.model.loss_fn, has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, batch, dropout_rng)
+    updates, opt_state = self.optimizer.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['learning_rate'] = jnp.asarray(self.optimizer.learning_rate_fn(state.step), jnp.float32)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  def compile_train_step(self, input_shapes: Mapping[str, tuple[int, ...]]):
+    """`(state, batch) -> (state, metrics)`, jitted with explicit shardings; the
+    incoming state's buffers are donated."""
+    state_sh = self.state_shardings(input_shapes)
+    step = jax.jit(self._train_step, in_shardings=(state_sh, self.partitioner.batch_sharding()),
+                   out_shardings=(state_sh, self.partitioner.replicated()), donate_argnums=(0,))
+
+    def run(state, batch):
+      with self.partitioner.activate():
+        return step(state, batch)
+
+    return run

@@ -1,0 +1,160 @@
+"""The step-by-step objective: packed == unpacked == a two-pass reference; lambda = 0."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import seqio
+import tensorflow as tf
+
+from dsbs_jax import losses, models, network
+from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
+
+CONFIG = network.T5Config(vocab_size=64, emb_dim=32, num_heads=2, num_encoder_layers=2,
+                          num_decoder_layers=2, head_dim=16, mlp_dim=64, dropout_rate=0.0)
+LENGTHS = {'inputs': 24, 'targets': 16}
+
+
+def _examples(rng):
+  """Three label and three rationale examples of varied lengths (EOS = 1 appended)."""
+  out = []
+  for task, n in [(1, 3), (2, 3)]:
+    for _ in range(n):
+      x = rng.randint(3, 64, size=rng.randint(4, 10)).tolist() + [1]
+      y = rng.randint(3, 64, size=rng.randint(2, 7 if task == 1 else 12)).tolist() + [1]
+      out.append({'inputs': x, 'targets': y, 'task_id': [task]})
+  return out
+
+
+def _convert(examples, pack):
+  ds = tf.data.Dataset.from_generator(
+      lambda: iter(examples),
+      output_signature={'inputs': tf.TensorSpec([None], tf.int32),
+                        'targets': tf.TensorSpec([None], tf.int32),
+                        'task_id': tf.TensorSpec([1], tf.int32)})
+  rows = list(StepByStepFeatureConverter(pack=pack)(ds, LENGTHS).as_numpy_iterator())
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _model(weights):
+  vocab = seqio.PassThroughVocabulary(size=64)
+  return models.StepByStepModel(network.Transformer(CONFIG), vocab, vocab, task_weights=weights)
+
+
+def _params(model):
+  shapes = {'encoder_input_tokens': (1, 8), 'decoder_input_tokens': (1, 8)}
+  return jax.tree_util.tree_map(lambda x: x.unbox() if hasattr(x, 'unbox') else x,
+                                model.get_initial_variables(jax.random.PRNGKey(1), shapes),
+                                is_leaf=lambda x: hasattr(x, 'unbox'))['params']
+
+
+def _two_pass_reference(params, examples, lam):
+  """What the reference PyTorch code does: one padded forward pass per task, HF-style mean CE."""
+  module = network.Transformer(CONFIG)
+  per_task = []
+  for task in (1, 2):
+    rows = [e for e in examples if e['task_id'][0] == task]
+    enc = np.zeros((len(rows), LENGTHS['inputs']), np.int32)
+    tgt = np.zeros((len(rows), LENGTHS['targets']), np.int32)
+    for i, e in enumerate(rows):
+      enc[i, :len(e['inputs'])] = e['inputs']
+      tgt[i, :len(e['targets'])] = e['targets']
+    dec_in = np.concatenate([np.zeros_like(tgt[:, :1]), tgt[:, :-1]], 1)
+    logits = module.apply({'params': params}, enc, dec_in, tgt, enable_dropout=False)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tgt)
+    mask = tgt > 0
+    per_task.append(float(jnp.sum(ce * mask) / jnp.sum(mask)))
+  return per_task[0] + lam * per_task[1], per_task
+
+
+@pytest.mark.parametrize('lam', [1.0, 0.3])
+def test_packed_unpacked_and_two_pass_agree(lam):
+  examples = _examples(np.random.RandomState(0))
+  model = _model(losses.task_weights(lambda_=lam))
+  params = _params(model)
+  packed, unpacked = _convert(examples, True), _convert(examples, False)
+  assert packed['encoder_input_tokens'].shape[0] < len(examples), 'examples were not packed'
+  # Task identity survives packing: every target token of a segment has its example's task.
+  assert set(np.unique(packed['decoder_task_ids'])) == {0, 1, 2}
+  assert np.array_equal(packed['decoder_task_ids'] > 0, packed['decoder_target_tokens'] > 0)
+  loss_packed, m_packed = model.loss_fn(params, packed, None)
+  loss_unpacked, m_unpacked = model.loss_fn(params, unpacked, None)
+  reference, (ref_label, ref_rationale) = _two_pass_reference(params, examples, lam)
+  np.testing.assert_allclose(float(loss_packed), reference, atol=1e-5)
+  np.testing.assert_allclose(float(loss_unpacked), reference, atol=1e-5)
+  np.testing.assert_allclose(float(m_packed['label/loss']), ref_label, atol=1e-5)
+  np.testing.assert_allclose(float(m_packed['rationale/loss']), ref_rationale, atol=1e-5)
+  n_label = sum(len(e['targets']) for e in examples if e['task_id'][0] == 1)
+  assert float(m_packed['label/tokens']) == n_label == float(m_unpacked['label/tokens'])
+
+
+def test_alpha_form_is_the_reference_weighting():
+  examples = _examples(np.random.RandomState(1))
+  model = _model(losses.task_weights(alpha=0.25))
+  params = _params(model)
+  loss, _ = model.loss_fn(params, _convert(examples, True), None)
+  _, (label, rationale) = _two_pass_reference(params, examples, 0.0)
+  np.testing.assert_allclose(float(loss), 0.25 * label + 0.75 * rationale, atol=1e-5)
+
+
+def test_lambda_zero_is_standard_finetuning():
+  examples = _examples(np.random.RandomState(2))
+  mixed = _convert(examples, True)
+  label_only = dict(mixed, decoder_task_ids=np.where(mixed['decoder_task_ids'] == 1, 1, 0))
+  model = _model(losses.task_weights(lambda_=0.0))
+  params = _params(model)
+  grad = jax.grad(lambda p, b: model.loss_fn(p, b, None)[0])
+  # Rationale tokens contribute exactly nothing: same loss and gradients, bitwise.
+  np.testing.assert_array_equal(model.loss_fn(params, mixed, None)[0],
+                                model.loss_fn(params, label_only, None)[0])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, grad(params, mixed),
+                         grad(params, label_only))
+  # ... and the value is the plain mean token cross-entropy of the label examples.
+  _, (label, _) = _two_pass_reference(params, examples, 0.0)
+  np.testing.assert_allclose(float(model.loss_fn(params, mixed, None)[0]), label, atol=1e-5)
+
+
+def test_plain_seqio_batches_count_as_label_examples():
+  examples = _examples(np.random.RandomState(3))
+  batch = _convert(examples, False)
+  plain = {k: v for k, v in batch.items() if k != 'decoder_task_ids'}
+  model = _model((1.0, 1.0))
+  params = _params(model)
+  _, (label, rationale) = _two_pass_reference(params, examples, 0.0)
+  n = [sum(len(e['targets']) for e in examples if e['task_id'][0] == t) for t in (1, 2)]
+  pooled = (label * n[0] + rationale * n[1]) / sum(n)
+  np.testing.assert_allclose(float(model.loss_fn(params, plain, None)[0]), pooled, atol=1e-5)
+
+
+def test_token_cross_entropy_label_smoothing_and_z_loss_match_t5x_formula(rng):
+  logits = rng.randn(2, 5, 11).astype(np.float32) * 3
+  targets = rng.randint(0, 11, size=(2, 5))
+  ls, zl = 0.1, 1e-3
+  loss, z = losses.token_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), ls, zl)
+  log_z = np.log(np.exp(logits.astype(np.float64)).sum(-1))
+  log_p = logits - log_z[..., None]
+  conf, low = 1 - ls, ls / 10
+  soft = np.full(logits.shape, low)
+  np.put_along_axis(soft, targets[..., None], conf, axis=-1)
+  norm = -(conf * np.log(conf) + 10 * low * np.log(low + 1e-20))
+  expected = -(soft * log_p).sum(-1) - norm + zl * log_z ** 2
+  np.testing.assert_allclose(np.asarray(loss), expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(z), zl * log_z ** 2, rtol=1e-5)
+
+
+def test_multitask_loss_pure_function(rng):
+  token_loss = rng.rand(3, 6).astype(np.float32)
+  task_ids = rng.randint(0, 3, size=(3, 6))
+  total, means, counts = losses.multitask_loss(token_loss, task_ids, (0.5, 2.0))
+  expected = [token_loss[task_ids == k].mean() for k in (1, 2)]
+  np.testing.assert_allclose(np.asarray(means), expected, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(counts), [(task_ids == k).sum() for k in (1, 2)])
+  np.testing.assert_allclose(float(total), 0.5 * expected[0] + 2.0 * expected[1], rtol=1e-6)
+
+
+@pytest.mark.parametrize('kwargs', [{}, {'lambda_': 1.0, 'alpha': 0.5}, {'lambda_': -1.0},
+                                    {'alpha': 1.5}])
+def test_task_weights_reject_bad_settings(kwargs):
+  with pytest.raises(ValueError):
+    losses.task_weights(**kwargs)
