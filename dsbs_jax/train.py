@@ -14,6 +14,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import difflib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Mapping, Optional, Sequence  # noqa: E402
@@ -160,7 +161,7 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   def evaluator(split: str) -> Evaluator:
     return Evaluator(mixture_or_task_name, split, lengths, model, partitioner,
                      eval_batch_size or batch_size, param_shardings,
-                     os.path.join(model_dir, 'inference_eval') if is_chief else None,
+                     os.path.join(model_dir, 'inference_eval', split) if is_chief else None,
                      eval_num_examples)
 
   step = int(state.step)
@@ -248,7 +249,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       return 0
     for path in [*fv.gin_search_paths, REPO_GIN_DIR]:
       gin.add_config_file_search_path(path)
-    gin.parse_config_files_and_bindings(fv.gin_file, fv.gin_bindings, finalize_config=True)
+    gin.parse_config_files_and_bindings(fv.gin_file, fv.gin_bindings, finalize_config=False)
     from dsbs_jax import train as train_module  # the gin-registered copy under `python -m`
     configured = gin.get_configurable(train_module.train)
     required = ('model_dir', 'mixture_or_task_name', 'task_feature_lengths', 'train_steps',
@@ -260,6 +261,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except (ValueError, TypeError, KeyError, NameError) as e:
     if 'gin' not in type(e).__module__ and 'gin' not in str(e).lower() and 'binding' not in str(e):
       raise
+    unset_macro = re.search(r"configurable 'macro' .* in scope '([^']+)'", str(e))
+    if unset_macro:
+      name = unset_macro.group(1)
+      e = f'the macro {name} has no value; set it with --gin.{name}=... or in a gin file'
     print(f'dsbs-train: gin configuration error: {e}', file=sys.stderr)
     return 2
   return 0

@@ -98,7 +98,7 @@ def test_sentencepiece_vocabulary_by_path(tmp_path):
   rows = demo.generate()['train'][:3000]
   text.write_text('\n'.join(e['input'] + '\n' + e['rationale'] + '\n' + e['label'] for e in rows))
   prefix = tmp_path / 'demo_spm'
-  spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(prefix), vocab_size=300,
+  spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(prefix), vocab_size=150,
                                  pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
                                  user_defined_symbols=['(', ')', '.'])
   vocab = seqio.SentencePieceVocabulary(str(prefix) + '.model')
@@ -107,4 +107,4 @@ def test_sentencepiece_vocabulary_by_path(tmp_path):
       LENGTHS, split='test', shuffle=False).as_numpy_iterator())
   first = demo.generate()['test'][0]
   assert vocab.decode(ex['targets'].tolist()) == first['label']
-  assert len(ex['inputs']) < len(first['input']) / 2  # subwords, not bytes
+  assert len(ex['inputs']) < 0.75 * len('predict: ' + first['input'])  # subwords, not bytes

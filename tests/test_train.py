@@ -19,17 +19,18 @@ TINY = [
     "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 64}", '--gin.BATCH_SIZE=8',
     '--gin.train.train.log_period=10', '--gin.train.train.checkpoint_period=20',
     '--gin.train.train.eval_num_examples=16', '--gin.optimizers.create_optimizer.warmup_steps=5',
+    '--gin.train.train.eval_period=20',
 ]
 
 
 @pytest.fixture(autouse=True)
 def _fresh_gin():
-  gin.clear_config()
   yield
   gin.clear_config()
 
 
 def _run(model_dir, *extra):
+  gin.clear_config()
   return train.main(['dsbs-train', *TINY, f"--gin.MODEL_DIR='{model_dir}'", *extra])
 
 
@@ -58,7 +59,8 @@ def test_short_run_learns_writes_outputs_and_resumes(tmp_path, capsys):
     assert events['loss'][r['step']] == pytest.approx(r['loss'], rel=1e-6)
   assert {'steps_per_sec', 'tokens_per_sec', 'learning_rate', 'grad_norm'} <= set(events)
   assert sorted(os.listdir(model_dir / 'checkpoints'))[-1] == '40'
-  predictions = model_dir / 'inference_eval' / 'demo_gt_label-40.jsonl'
+  assert (model_dir / 'inference_eval' / 'validation' / 'demo_gt_label-000020.jsonl').exists()
+  predictions = model_dir / 'inference_eval' / 'test' / 'demo_gt_label-000040.jsonl'
   lines = [json.loads(line) for line in predictions.read_text().splitlines()]
   assert len(lines) == 16 and {'prediction', 'target'} <= set(lines[0])
   results = json.loads((model_dir / 'results.json').read_text())
@@ -91,13 +93,42 @@ def test_unwritable_model_dir(tmp_path, capsys):
   assert f"MODEL_DIR '{blocker / 'run'}' cannot be written" in capsys.readouterr().err
 
 
-def test_missing_required_binding(tmp_path, capsys):
-  assert train.main(['dsbs-train', '--gin_file=train.gin',
-                     f"--gin.MODEL_DIR='{tmp_path}'"]) == 2
+@pytest.mark.parametrize('args,missing', [
+    (['--gin_file=train.gin', '--gin_file=models/t5_1_1/tiny.gin'],
+     'the macro DATASET has no value'),
+    (['--gin_file=train.gin', "--gin.DATASET='demo'"], "'emb_dim'"),  # no model size
+])
+def test_missing_required_binding(tmp_path, capsys, args, missing):
+  gin.clear_config()
+  assert train.main(['dsbs-train', *args, f"--gin.MODEL_DIR='{tmp_path}'"]) == 2
   err = capsys.readouterr().err
-  assert 'DATASET' in err and 'Traceback' not in err
+  assert 'gin configuration error' in err and missing in err and 'Traceback' not in err
 
 
 def test_gin_dot_flags_are_rewritten_as_bindings():
   assert train._rewrite_gin_args(['x', '--gin.A.b=3', '--gin_file=f.gin']) == [
       'x', '--gin_bindings=A.b = 3', '--gin_file=f.gin']
+
+
+def test_initial_checkpoint_from_huggingface(tmp_path):
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  import numpy as np
+  from dsbs_jax import hf_checkpoint
+  from dsbs_jax.checkpoints import Checkpointer
+  cfg = transformers.T5Config(vocab_size=384, d_model=32, d_kv=16, d_ff=64, num_layers=1,
+                              num_heads=2, feed_forward_proj='gated-gelu',
+                              tie_word_embeddings=False, decoder_start_token_id=0)
+  torch.manual_seed(0)
+  hf_dir = tmp_path / 'hf'
+  transformers.T5ForConditionalGeneration(cfg).save_pretrained(hf_dir)
+  model_dir = tmp_path / 'run'
+  assert _run(model_dir, '--gin.TRAIN_STEPS=1', '--gin.LEARNING_RATE=0.0',
+              '--gin.train.train.final_eval_split=None',
+              f"--gin.INITIAL_CHECKPOINT_PATH='{hf_dir}'") == 0
+  # With a zero learning rate the saved parameters are exactly the HF weights.
+  _, expected = hf_checkpoint.load_hf_checkpoint(str(hf_dir))
+  restored = Checkpointer(str(model_dir / 'checkpoints'), async_save=False)._manager.restore(1)
+  import jax
+  jax.tree_util.tree_map(np.testing.assert_array_equal,
+                         jax.device_get(restored['state']['params']), expected)

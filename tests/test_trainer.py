@@ -1,0 +1,85 @@
+"""The sharded train step: optimizers, mesh layouts and activation dtypes."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+import seqio
+
+from dsbs_jax import models, network, optimizers, partitioning, trainer
+
+CONFIG = network.T5Config(vocab_size=64, emb_dim=32, num_heads=4, num_encoder_layers=1,
+                          num_decoder_layers=1, head_dim=8, mlp_dim=64, dropout_rate=0.1)
+SHAPES = {'encoder_input_tokens': (8, 16), 'decoder_input_tokens': (8, 12)}
+
+
+def _batch(seed=0):
+  rng = np.random.RandomState(seed)
+  tgt = rng.randint(2, 64, size=(8, 12)).astype(np.int32)
+  tgt[:, 9:] = 0
+  return {'encoder_input_tokens': rng.randint(2, 64, size=(8, 16)).astype(np.int32),
+          'decoder_input_tokens': np.concatenate([np.zeros((8, 1), np.int32), tgt[:, :-1]], 1),
+          'decoder_target_tokens': tgt,
+          'decoder_task_ids': np.where(tgt > 0, 1 + (np.arange(8)[:, None] % 2), 0).astype(np.int32)}
+
+
+def _trainer(config=CONFIG, optimizer='adamw', num_partitions=1):
+  vocab = seqio.PassThroughVocabulary(size=64)
+  model = models.StepByStepModel(network.Transformer(config), vocab, vocab)
+  return trainer.Trainer(model, optimizers.create_optimizer(optimizer, learning_rate=1e-2),
+                         partitioning.Partitioner(num_partitions))
+
+
+@pytest.mark.parametrize('optimizer', ['adamw', 'adafactor'])
+def test_train_step_on_a_data_by_model_mesh(optimizer):
+  t = _trainer(optimizer=optimizer, num_partitions=2)
+  assert dict(t.partitioner.mesh.shape) == {'data': 4, 'model': 2}
+  state = t.create_state(SHAPES)
+  kernel = state.params['decoder']['layers_0']['mlp']['wi_0']['kernel']
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'model')
+  step = t.compile_train_step(SHAPES)
+  losses = []
+  for _ in range(5):
+    state, metrics = step(state, t.partitioner.shard_batch(_batch()))
+    losses.append(float(metrics['loss']))
+  assert int(state.step) == 5
+  assert losses[-1] < losses[0]
+  assert np.isfinite(float(metrics['grad_norm'])) and float(metrics['learning_rate']) == pytest.approx(1e-2)
+
+
+def test_bfloat16_activations_track_float32():
+  batch = _batch()
+  results = {}
+  for dtype in ('float32', 'bfloat16'):
+    t = _trainer(dataclasses.replace(CONFIG, dtype=dtype, dropout_rate=0.0))
+    state = t.create_state(SHAPES)
+    results[dtype] = float(t.model.loss_fn(state.params, batch, None)[0])
+  assert results['bfloat16'] == pytest.approx(results['float32'], rel=2e-2)
+
+
+def test_dropout_depends_on_step_rng_only():
+  t = _trainer()
+  a, b = t.create_state(SHAPES), t.create_state(SHAPES)
+  step = t.compile_train_step(SHAPES)
+  batch = t.partitioner.shard_batch(_batch())
+  _, ma = step(a, batch)
+  _, mb = step(b, batch)
+  assert float(ma['loss']) == float(mb['loss'])
+
+
+@pytest.mark.parametrize('name,kwargs,message', [
+    ('sgd', {}, 'unknown optimizer'),
+    ('adamw', {'schedule_name': 'cosine'}, 'unknown learning-rate schedule'),
+    ('adamw', {'schedule_name': 'linear'}, 'needs total_steps'),
+])
+def test_optimizer_errors(name, kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    optimizers.create_optimizer(name, **kwargs)
+
+
+def test_schedules():
+  linear = optimizers.schedule('linear', 1.0, warmup_steps=10, total_steps=110)
+  assert [float(linear(s)) for s in (0, 5, 10, 60, 110)] == pytest.approx([0, .5, 1, .5, 0])
+  rsqrt = optimizers.schedule('rsqrt', 1.0, warmup_steps=100)
+  assert float(rsqrt(10)) == pytest.approx(0.1) and float(rsqrt(400)) == pytest.approx(0.05)
