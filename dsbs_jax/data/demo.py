@@ -20,6 +20,7 @@ from dsbs_jax.data import metrics, tasks
 NAME = 'demo'
 SPLIT_SIZES = {'test': 500, 'validation': 500, 'train': 10000}
 _SPLIT_ORDER = ('test', 'validation', 'train')
+_OPS_WEIGHTS = (0.5, 0.3, 0.2)  # problems with one, two, three operations
 
 _PEOPLE = [('Tom', 'he', 'him'), ('Anna', 'she', 'her'), ('Luke', 'he', 'him'),
            ('Maria', 'she', 'her'), ('Sam', 'he', 'him'), ('Julia', 'she', 'her'),
@@ -48,7 +49,7 @@ def make_example(rng: random.Random) -> dict[str, str]:
   name, subj, obj = rng.choice(_PEOPLE)
   item, other = rng.sample(_ITEMS, 2)
   kw = dict(name=name, subj=subj, Subj=subj.capitalize(), obj=obj, item=item, other=other)
-  n_ops = rng.randint(1, 3)
+  n_ops = rng.choices((1, 2, 3), weights=_OPS_WEIGHTS)[0]
   sentences, steps = [], []
   if rng.random() < 0.3:
     a, b = rng.randint(2, 9), rng.randint(2, 12)
@@ -90,7 +91,7 @@ def make_example(rng: random.Random) -> dict[str, str]:
     steps.append(f'{value} {op} {n} = {result}.')
     eq, short = f'( {eq} {op} {n}.0 )', f'({short} {op} {n})'
     value = result
-  for _ in range(rng.randint(0, 2)):
+  for _ in range(rng.randint(0, 1)):
     pos = rng.randint(1, len(sentences))
     sentences.insert(pos, _fmt(rng.choice(_DISTRACT), m=rng.randint(2, 50), **kw))
   rationale = ' '.join(steps) + f' The answer is {short}.'
