@@ -200,8 +200,11 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   writer.close()
 
   results: dict[str, Any] = {'step': step, 'train': last_logged, 'eval': {}}
-  for split in dict.fromkeys(s for s in (eval_split if eval_period else None, final_eval_split) if s):
-    results['eval'][split] = evaluator(split).evaluate(state.params, step)
+  final_evaluators = {eval_split: valid_eval} if valid_eval else {}
+  if final_eval_split and final_eval_split not in final_evaluators:
+    final_evaluators[final_eval_split] = evaluator(final_eval_split)
+  for split, split_evaluator in final_evaluators.items():
+    results['eval'][split] = split_evaluator.evaluate(state.params, step)
     log.info('%s metrics at step %d: %s', split, step, results['eval'][split])
   if is_chief:
     with open(os.path.join(model_dir, 'results.json'), 'w') as f:

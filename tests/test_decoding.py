@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import seqio
+from flax import linen as nn
 
 from dsbs_jax import models, network
 
@@ -33,8 +34,7 @@ def test_cached_greedy_matches_full_recompute():
   model = models.StepByStepModel(network.Transformer(CONFIG), vocab, vocab)
   variables = model.get_initial_variables(jax.random.PRNGKey(3), {
       'encoder_input_tokens': (1, 8), 'decoder_input_tokens': (1, 8)})
-  params = jax.tree_util.tree_map(lambda x: x.unbox(), variables,
-                                  is_leaf=lambda x: hasattr(x, 'unbox'))['params']
+  params = nn.meta.unbox(variables)['params']
   rng = np.random.RandomState(0)
   enc = rng.randint(2, 50, size=(4, 12)).astype(np.int32)
   enc[1, 7:] = 0

@@ -7,6 +7,7 @@ import optax
 import pytest
 import seqio
 import tensorflow as tf
+from flax import linen as nn
 
 from dsbs_jax import losses, models, network
 from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
@@ -44,9 +45,7 @@ def _model(weights):
 
 def _params(model):
   shapes = {'encoder_input_tokens': (1, 8), 'decoder_input_tokens': (1, 8)}
-  return jax.tree_util.tree_map(lambda x: x.unbox() if hasattr(x, 'unbox') else x,
-                                model.get_initial_variables(jax.random.PRNGKey(1), shapes),
-                                is_leaf=lambda x: hasattr(x, 'unbox'))['params']
+  return nn.meta.unbox(model.get_initial_variables(jax.random.PRNGKey(1), shapes))['params']
 
 
 def _two_pass_reference(params, examples, lam):

@@ -10,8 +10,6 @@ generator is deterministic, and the splits never share an input.
 from __future__ import annotations
 
 import random
-from typing import Iterator
-
 import seqio
 import tensorflow as tf
 
@@ -122,10 +120,6 @@ def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.
 
 
 _SPLITS = generate()
-
-
-def examples(split: str) -> Iterator[dict[str, str]]:
-  return iter(_SPLITS[split])
 
 
 def register(vocabulary: seqio.Vocabulary = seqio.ByteVocabulary(),
