@@ -26,6 +26,7 @@ import tensorflow as tf  # noqa: E402
 
 from dsbs_jax import hf_checkpoint  # noqa: E402
 from dsbs_jax.checkpoints import Checkpointer  # noqa: E402
+from dsbs_jax.data import tasks  # noqa: E402
 from dsbs_jax.errors import ConfigError  # noqa: E402
 from dsbs_jax.evaluation import Evaluator  # noqa: E402
 from dsbs_jax.models import StepByStepModel  # noqa: E402
@@ -116,8 +117,11 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
           final_eval_split: Optional[str] = 'test', eval_batch_size: Optional[int] = None,
           eval_num_examples: Optional[int] = None, checkpoint_period: int = 1000,
           keep_checkpoints: int = 3, initial_checkpoint_path: Optional[str] = None,
-          use_cached: bool = False) -> dict[str, Any]:
+          use_cached: bool = False, evaluate_rationales: bool = False) -> dict[str, Any]:
   """Trains `model` on a SeqIO task/mixture, resuming from MODEL_DIR if it holds a checkpoint.
+
+  Evaluation decodes the label task; `evaluate_rationales` also decodes the
+  rationale task and scores it (ROUGE).
 
   Returns {'step', 'train': last logged metrics, 'eval': {split: metrics}}; the
   same summary is written to MODEL_DIR/results.json.
@@ -159,7 +163,8 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   param_shardings = trainer.state_shardings(input_shapes).params
 
   def evaluator(split: str) -> Evaluator:
-    return Evaluator(mixture_or_task_name, split, lengths, model, partitioner,
+    return Evaluator(tasks.evaluation_tasks(mixture_or_task_name, evaluate_rationales), split,
+                     lengths, model, partitioner,
                      eval_batch_size or batch_size, param_shardings,
                      os.path.join(model_dir, 'inference_eval', split) if is_chief else None,
                      eval_num_examples)
@@ -247,8 +252,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     fv(_rewrite_gin_args(argv))
     tf.config.set_visible_devices([], 'GPU')
     if fv.list_tasks:
+      import dsbs_jax.data.benchmarks  # noqa: F401  registers the paper's datasets
       import dsbs_jax.data.demo  # noqa: F401  registers the demo
-      print('\n'.join(sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))))
+      print(tasks.describe_families())
       return 0
     for path in [*fv.gin_search_paths, REPO_GIN_DIR]:
       gin.add_config_file_search_path(path)

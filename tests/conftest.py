@@ -25,6 +25,24 @@ def hf_t5(tmp_path, feed_forward_proj: str, tie: bool, seed: int = 0):
   return model, str(path)
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='session')
+def data_root():
+  """The authors' released data: $DSBS_DATA_ROOT, else shared/datasets beside the repo.
+
+  Missing data skips locally but fails under CI=true, where it must be present.
+  """
+  root = os.environ.get('DSBS_DATA_ROOT') or os.path.join(REPO, '..', 'shared', 'datasets')
+  if not os.path.isdir(os.path.join(root, 'cqa')):
+    message = f'released datasets not found at {root}; set DSBS_DATA_ROOT'
+    if os.environ.get('CI') == 'true':
+      pytest.fail(message)
+    pytest.skip(message)
+  return os.path.abspath(root)
+
+
 @pytest.fixture
 def rng():
   return np.random.RandomState(0)

@@ -50,7 +50,8 @@ def test_constant_answer_baseline_is_low():
 
 def test_registered_tasks_and_mixture():
   family = demo.register()
-  assert family.names == ['demo_gt_label', 'demo_rationale', 'demo_gt_step_by_step']
+  assert family.names == ['demo_gt_label', 'demo_rationale', 'demo_gt_step_by_step',
+                          'demo_gt_standard']
   mixture = seqio.get_mixture_or_task('demo_gt_step_by_step')
   assert sorted(t.name for t in mixture.tasks) == ['demo_gt_label', 'demo_rationale']
   vocab = seqio.ByteVocabulary()

@@ -7,6 +7,7 @@ import os
 
 import gin
 import pytest
+import seqio
 import tensorflow as tf
 
 from dsbs_jax import train
@@ -69,6 +70,32 @@ def test_short_run_learns_writes_outputs_and_resumes(tmp_path, capsys):
   assert _run(model_dir, '--gin.TRAIN_STEPS=50') == 0
   assert 'Resumed from' in capsys.readouterr().out
   assert sorted(os.listdir(model_dir / 'checkpoints'), key=int)[-1] == '50'
+
+
+def test_paper_dataset_trains_from_its_gin_files(tmp_path, data_root, capsys):
+  from dsbs_jax.data import benchmarks, demo, vocabularies
+  demo.register()
+  spm = vocabularies.train_sentencepiece(vocabularies.task_texts('demo_gt_step_by_step'),
+                                         str(tmp_path / 'spm'), vocab_size=200)
+  gin.clear_config()
+  benchmarks._released.cache_clear()  # so that the parse report is logged by this run
+  model_dir = tmp_path / 'svamp'
+  assert train.main([
+      'dsbs-train', '--gin_file=train.gin', '--gin_file=models/t5_1_1/tiny.gin',
+      '--gin_file=tasks/svamp.gin', '--gin_file=runs/step_by_step.gin',
+      '--gin_file=vocabularies/sentencepiece.gin', f"--gin.SENTENCEPIECE_MODEL='{spm}'",
+      '--gin.EXTRA_IDS=0', '--gin.VOCAB_SIZE=256', *TINY[1:],
+      f"--gin.DATA_ROOT='{data_root}'", "--gin.LABEL_SOURCE='llm'", '--gin.TRAIN_FRACTION=0.5',
+      "--gin.TASK_FEATURE_LENGTHS={'inputs': 192, 'targets': 16}", '--gin.TRAIN_STEPS=10',
+      f"--gin.MODEL_DIR='{model_dir}'"]) == 0
+  out = capsys.readouterr().out
+  assert 'svamp/train: parsed 787/800 teacher outputs, 13 unparseable' in out
+  results = json.loads((model_dir / 'results.json').read_text())
+  assert set(results['eval']['test']) == {'svamp_llm_label'}
+  assert 0.0 <= results['eval']['test']['svamp_llm_label']['equation_accuracy'] <= 100.0
+  # The task was registered with the SentencePiece vocabulary the model uses.
+  vocab = seqio.get_mixture_or_task('svamp_llm_label').output_features['targets'].vocabulary
+  assert isinstance(vocab, seqio.SentencePieceVocabulary) and vocab.vocab_size <= 256
 
 
 @pytest.mark.parametrize('args,message', [

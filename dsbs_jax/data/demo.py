@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import seqio
-import tensorflow as tf
 
 from dsbs_jax.data import metrics, tasks
 
@@ -113,23 +112,17 @@ def generate(seed: int = 0) -> dict[str, list[dict[str, str]]]:
   return splits
 
 
-def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
-  del shuffle_files, seed
-  rows = _SPLITS[split]
-  return tf.data.Dataset.from_tensor_slices({k: [r[k] for r in rows] for k in rows[0]})
-
-
 _SPLITS = generate()
 
 
 def register(vocabulary: seqio.Vocabulary = seqio.ByteVocabulary(),
              name: str = NAME) -> tasks.StepByStepFamily:
-  """Registers `{name}_gt_label`, `{name}_rationale` and `{name}_gt_step_by_step`."""
-  source = seqio.FunctionDataSource(_dataset_fn, splits=tuple(SPLIT_SIZES),
-                                    num_input_examples=dict(SPLIT_SIZES))
+  """Registers `{name}_gt_label`, `{name}_rationale`, `{name}_gt_step_by_step`, `{name}_gt_standard`."""
+  source = tasks.rows_source(_SPLITS.__getitem__, tuple(SPLIT_SIZES), dict(SPLIT_SIZES))
   return tasks.register_step_by_step(
       name, source, vocabulary, label_fields={'gt': 'label'},
-      label_metric_fns=[metrics.equation_accuracy])
+      label_metric_fns=[metrics.equation_accuracy],
+      rationale_metric_fns=[metrics.rouge])
 
 
 register()

@@ -10,6 +10,8 @@ import ast
 import math
 from typing import Optional, Sequence
 
+from rouge_score import rouge_scorer
+
 _MAX_EQUATION_CHARS = 1000
 _BINARY = {
     ast.Add: lambda a, b: a + b,
@@ -66,3 +68,24 @@ def equation_accuracy(targets: Sequence[str], predictions: Sequence[str]) -> dic
 def _check_lengths(targets: Sequence[str], predictions: Sequence[str]) -> None:
   if len(targets) != len(predictions):
     raise ValueError(f'{len(targets)} targets but {len(predictions)} predictions')
+
+
+def normalize_text(text: str) -> str:
+  """Whitespace-collapsed and stripped, as the reference's tokenizer decode leaves labels."""
+  return ' '.join(text.split())
+
+
+def accuracy(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+  """Percentage of exact matches after `normalize_text` (e-SNLI, ANLI, CQA)."""
+  _check_lengths(targets, predictions)
+  hits = sum(normalize_text(t) == normalize_text(p) for t, p in zip(targets, predictions))
+  return {'accuracy': 100.0 * hits / max(len(targets), 1)}
+
+
+def rouge(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+  """Mean ROUGE-1/2/L F-measure (x100) of generated rationales, via `rouge_score`."""
+  _check_lengths(targets, predictions)
+  scorer = rouge_scorer.RougeScorer(['rouge1', 'rouge2', 'rougeL'], use_stemmer=True)
+  scores = [scorer.score(t, p) for t, p in zip(targets, predictions)]
+  return {name: 100.0 * sum(s[name].fmeasure for s in scores) / max(len(scores), 1)
+          for name in ('rouge1', 'rouge2', 'rougeL')}

@@ -6,9 +6,12 @@ teacher) and a teacher rationale, `register_step_by_step` registers:
   {name}_{source}_label          predict: x -> label       (one per label source)
   {name}_rationale               explain: x -> rationale
   {name}_{source}_step_by_step   mixture of the two, equal rates
+  {name}_{source}_standard       x -> label, no prefix: the paper's baselines
 
-Standard finetuning trains on `{name}_gt_label`, standard distillation on
-`{name}_llm_label`, distilling step-by-step on `{name}_llm_step_by_step`.
+Distilling step-by-step trains on `{name}_llm_step_by_step` (or `_gt_` with
+gold labels); standard finetuning on `{name}_gt_standard`, standard
+distillation on `{name}_llm_standard`. `FAMILIES` is the one list of what is
+registered; `dsbs-train --list_tasks` prints it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from dsbs_jax.data.feature_converters import TASK_ID
 
 LABEL_PREFIX = 'predict: '
 RATIONALE_PREFIX = 'explain: '
-VARIANTS = ('label', 'rationale', 'step_by_step')
+VARIANTS = ('label', 'rationale', 'step_by_step', 'standard')
+SEPARATOR = '</s>'  # in an input text, becomes the EOS id (NLI: premise</s>hypothesis)
+Row = Mapping[str, str]
 
 
 def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
@@ -36,6 +41,44 @@ def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
       TASK_ID: seqio.Feature(seqio.PassThroughVocabulary(size=3), add_eos=False,
                              dtype=tf.int32, required=False),
   }
+
+
+def _encode(vocabulary: seqio.Vocabulary, text: tf.Tensor) -> tf.Tensor:
+  parts = tf.strings.split(text, SEPARATOR)
+  ids = tf.map_fn(vocabulary.encode_tf, parts,
+                  fn_output_signature=tf.RaggedTensorSpec([None], tf.int32))
+  eos = tf.fill([tf.shape(parts)[0], 1], tf.constant(vocabulary.eos_id, tf.int32))
+  return tf.concat([ids, eos], axis=1).flat_values[:-1]
+
+
+def tokenize(ds: tf.data.Dataset, output_features: Mapping[str, seqio.Feature]
+             ) -> tf.data.Dataset:
+  """`seqio.preprocessors.tokenize`, except that a literal `</s>` in a text becomes
+  the EOS id, as the authors' HuggingFace tokenizer makes it."""
+
+  def fn(ex):
+    out = dict(ex)
+    for key, feature in output_features.items():
+      if key in ex and ex[key].dtype == tf.string:
+        out[f'{key}_pretokenized'] = ex[key]
+        out[key] = _encode(feature.vocabulary, ex[key])
+    return out
+
+  return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def rows_source(load: Callable[[str], Sequence[Row]], splits: Sequence[str],
+                num_input_examples: Optional[Mapping[str, int]] = None
+                ) -> seqio.FunctionDataSource:
+  """A SeqIO source over in-memory rows; `load(split)` runs when a split is first read."""
+
+  def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None) -> tf.data.Dataset:
+    rows = load(split)
+    ds = tf.data.Dataset.from_tensor_slices({k: [r[k] for r in rows] for k in rows[0]})
+    return ds.shuffle(len(rows), seed=seed) if shuffle_files else ds
+
+  return seqio.FunctionDataSource(dataset_fn, splits=tuple(splits),
+                                  num_input_examples=num_input_examples)
 
 
 def format_example(ds: tf.data.Dataset, *, prefix: str, input_field: str, target_field: str,
@@ -52,26 +95,52 @@ def format_example(ds: tf.data.Dataset, *, prefix: str, input_field: str, target
   return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def task_name(dataset: str, variant: str, label_source: str = 'gt') -> str:
-  """The registered name for a dataset, variant and label source."""
-  if variant not in VARIANTS:
-    raise ValueError(f'Unknown task variant {variant!r}; choose from {VARIANTS}')
-  if variant == 'rationale':
-    return f'{dataset}_rationale'
-  return f'{dataset}_{label_source}_{variant}'
-
-
 @dataclasses.dataclass(frozen=True)
 class StepByStepFamily:
   """The names registered for one dataset."""
 
+  name: str
   label_tasks: Mapping[str, str]
   rationale_task: str
   mixtures: Mapping[str, str]
+  standard_tasks: Mapping[str, str]
 
   @property
   def names(self) -> list[str]:
-    return [*self.label_tasks.values(), self.rationale_task, *self.mixtures.values()]
+    return [*self.label_tasks.values(), self.rationale_task, *self.mixtures.values(),
+            *self.standard_tasks.values()]
+
+
+FAMILIES: dict[str, StepByStepFamily] = {}
+
+
+def task_name(dataset: str | StepByStepFamily, variant: str, label_source: str = 'gt') -> str:
+  """The registered name for a dataset (or its family), variant and label source."""
+  if variant not in VARIANTS:
+    raise ValueError(f'Unknown task variant {variant!r}; choose from {VARIANTS}')
+  name = dataset.name if isinstance(dataset, StepByStepFamily) else dataset
+  if variant == 'rationale':
+    return f'{name}_rationale'
+  return f'{name}_{label_source}_{variant}'
+
+
+def evaluation_tasks(mixture_or_task_name: str, rationales: bool = False) -> list[str]:
+  """The tasks to decode when evaluating a training task or mixture.
+
+  A step-by-step mixture is evaluated on its label task (what deployment runs),
+  plus its rationale task when `rationales` is set; any other name as itself.
+  """
+  for family in FAMILIES.values():
+    for label_source, mixture in family.mixtures.items():
+      if mixture == mixture_or_task_name:
+        return [family.label_tasks[label_source], *([family.rationale_task] if rationales else [])]
+  return [mixture_or_task_name]
+
+
+def describe_families() -> str:
+  """One line per registered dataset: its tasks and mixtures, for `--list_tasks`."""
+  return '\n'.join(f'{name}: {" ".join(family.names)}'
+                    for name, family in sorted(FAMILIES.items()))
 
 
 def _replace(registry, name: str) -> None:
@@ -100,7 +169,7 @@ def register_step_by_step(
   if not label_fields:
     raise ValueError(f'{name}: label_fields must name at least one label source')
   features = output_features(vocabulary)
-  common = [seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder(),
+  common = [tokenize, seqio.CacheDatasetPlaceholder(),
             seqio.preprocessors.append_eos_after_trim]
 
   def add_task(task: str, prefix: str, target_field: str, task_id: int, metric_fns,
@@ -115,13 +184,18 @@ def register_step_by_step(
   rationale = task_name(name, 'rationale')
   add_task(rationale, RATIONALE_PREFIX, rationale_field, losses.RATIONALE_TASK,
            rationale_metric_fns, None)
-  label_tasks, mixtures = {}, {}
+  label_tasks, mixtures, standard_tasks = {}, {}, {}
   for label_source, field in label_fields.items():
     label = task_name(name, 'label', label_source)
     add_task(label, LABEL_PREFIX, field, losses.LABEL_TASK, label_metric_fns,
              label_postprocess_fn)
+    standard = task_name(name, 'standard', label_source)
+    add_task(standard, '', field, losses.LABEL_TASK, label_metric_fns, label_postprocess_fn)
     mixture = task_name(name, 'step_by_step', label_source)
     _replace(seqio.MixtureRegistry, mixture)
     seqio.MixtureRegistry.add(mixture, [(label, 1.0), (rationale, 1.0)])
     label_tasks[label_source], mixtures[label_source] = label, mixture
-  return StepByStepFamily(label_tasks, rationale, mixtures)
+    standard_tasks[label_source] = standard
+  family = StepByStepFamily(name, label_tasks, rationale, mixtures, standard_tasks)
+  FAMILIES[name] = family
+  return family

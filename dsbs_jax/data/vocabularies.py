@@ -1,0 +1,82 @@
+"""Vocabularies: bytes (no download), a SentencePiece model by path, or one trained here.
+
+T5 checkpoints need T5's own SentencePiece model
+(`gs://t5-data/vocabs/cc_all.32000/sentencepiece.model`, 32000 pieces + 100
+extra ids). A student trained from scratch may instead use bytes, or a model
+trained on its task's text:
+
+    python -m dsbs_jax.data.vocabularies --task=cqa_llm_step_by_step \
+        --output=/tmp/cqa_spm --vocab_size=8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+from typing import Iterator, Sequence
+
+import seqio
+import sentencepiece as spm
+import tensorflow as tf
+
+from dsbs_jax.errors import ConfigError
+
+T5_SENTENCEPIECE = 'gs://t5-data/vocabs/cc_all.32000/sentencepiece.model'
+
+
+def sentencepiece(path: str, extra_ids: int = 100) -> seqio.SentencePieceVocabulary:
+  """The SentencePiece model at `path` (local or gs://), checked to exist up front."""
+  if not tf.io.gfile.exists(path):
+    raise ConfigError(f'SentencePiece model {path!r} not found')
+  return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+
+
+def task_texts(mixture_or_task_name: str, split: str = 'train') -> Iterator[str]:
+  """Every text field of the raw (untokenized) examples of a task or mixture."""
+  provider = seqio.get_mixture_or_task(mixture_or_task_name)
+  task_list = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+  seen = set()
+  for task in task_list:
+    if id(task.source) in seen:
+      continue
+    seen.add(id(task.source))
+    for example in task.source.get_dataset(split, shuffle=False).as_numpy_iterator():
+      for value in example.values():
+        if isinstance(value, bytes):
+          yield value.decode('utf-8')
+
+
+def train_sentencepiece(texts: Iterator[str], output_prefix: str, vocab_size: int = 8000
+                        ) -> str:
+  """Trains a unigram model with T5's special ids (pad 0, eos 1, unk 2); returns its path."""
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=(t.replace('\n', ' ') for t in texts), model_writer=model,
+      vocab_size=vocab_size, model_type='unigram', character_coverage=1.0,
+      pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False)
+  path = output_prefix + '.model'
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'wb') as f:
+    f.write(model.getvalue())
+  return path
+
+
+def main(argv: Sequence[str]) -> None:
+  """Trains a SentencePiece model on a registered task's training text."""
+  import dsbs_jax.data.benchmarks  # noqa: F401  registers the paper's tasks
+  import dsbs_jax.data.demo  # noqa: F401  registers the demo
+  parser = argparse.ArgumentParser(description=main.__doc__)
+  parser.add_argument('--task', required=True)
+  parser.add_argument('--output', required=True, help='path prefix; writes <output>.model')
+  parser.add_argument('--vocab_size', type=int, default=8000)
+  args = parser.parse_args(argv)
+  path = train_sentencepiece(task_texts(args.task), args.output, args.vocab_size)
+  vocab = seqio.SentencePieceVocabulary(path)
+  print(f'wrote {path}: {vocab.vocab_size} ids; set VOCABULARY = '
+        f'@vocabularies.sentencepiece() and vocabularies.sentencepiece.path = {path!r}')
+
+
+if __name__ == '__main__':
+  import sys
+  main(sys.argv[1:])
