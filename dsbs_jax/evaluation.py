@@ -13,7 +13,9 @@ from typing import Any, Mapping, Optional, Sequence
 import jax
 import numpy as np
 import seqio
+from jax.experimental import multihost_utils
 
+from dsbs_jax import losses
 from dsbs_jax.models import StepByStepModel
 from dsbs_jax.partitioning import Partitioner
 
@@ -45,7 +47,8 @@ class Evaluator:
         padded = {k: np.pad(v, [(0, self.batch_size - n)] + [(0, 0)] * (v.ndim - 1))
                   for k, v in batch.items()}
         with self.partitioner.activate():
-          tokens = np.asarray(self._predict(params, self.partitioner.shard_batch(padded)))
+          tokens = self._predict(params, self.partitioner.shard_global_batch(padded))
+        tokens = multihost_utils.process_allgather(tokens, tiled=True)
         results.extend(zip(indices.tolist(), tokens[:n].tolist()))
       return results
     return predict_fn
@@ -59,3 +62,48 @@ class Evaluator:
       results.update({task: {name: float(getattr(v, 'value', v)) for name, v in values.items()}
                       for task, values in metrics.result().items()})
     return results
+
+
+class LossEvaluator:
+  """Teacher-forced loss and token accuracy per task on one split (packed, fixed shapes).
+
+  Complements the decoding `Evaluator`: it covers the rationale task too and
+  costs one forward pass per batch.
+  """
+
+  def __init__(self, mixture_or_task_name: str, split: str,
+               task_feature_lengths: Mapping[str, int], model: StepByStepModel,
+               partitioner: Partitioner, batch_size: int, param_shardings: Any,
+               num_examples: Optional[int] = None):
+    self._dataset = seqio.get_dataset(
+        mixture_or_task_name, task_feature_lengths=dict(task_feature_lengths),
+        dataset_split=split, shuffle=False, num_epochs=1,
+        feature_converter=model.FEATURE_CONVERTER_CLS(pack=True))
+    if num_examples:
+      self._dataset = self._dataset.take(num_examples)
+    self.batch_size = batch_size
+    self.partitioner = partitioner
+    self.num_tasks = len(model.task_weights)
+    self.task_weights = np.asarray(model.task_weights)
+    self._loss = jax.jit(lambda p, b: model.loss_fn(p, b, None)[1],
+                         in_shardings=(param_shardings, partitioner.batch_sharding()))
+
+  def evaluate(self, params: Any) -> dict[str, float]:
+    """{'loss', '<task>/loss', '<task>/accuracy'} over the whole split."""
+    names = [losses.TASK_NAMES[k] for k in range(1, self.num_tasks + 1)]
+    sums = {f'{n}/{m}': 0.0 for n in names for m in ('loss', 'accuracy')}
+    tokens = dict.fromkeys(names, 0.0)
+    for batch in self._dataset.batch(self.batch_size).as_numpy_iterator():
+      n = len(next(iter(batch.values())))
+      padded = {k: np.pad(v, [(0, self.batch_size - n)] + [(0, 0)] * (v.ndim - 1))
+                for k, v in batch.items()}
+      with self.partitioner.activate():
+        metrics = jax.device_get(self._loss(params, self.partitioner.shard_global_batch(padded)))
+      for name in names:
+        count = float(metrics[f'{name}/tokens'])
+        tokens[name] += count
+        for m in ('loss', 'accuracy'):
+          sums[f'{name}/{m}'] += float(metrics[f'{name}/{m}']) * count
+    out = {k: v / max(tokens[k.split('/')[0]], 1.0) for k, v in sums.items()}
+    out['loss'] = float(sum(w * out[f'{n}/loss'] for w, n in zip(self.task_weights, names)))
+    return out

@@ -67,25 +67,37 @@ def token_cross_entropy(logits: Array, targets: Array, label_smoothing: float = 
   return loss + z, z
 
 
-def per_task_mean(token_values: Array, task_ids: Array, num_tasks: int) -> tuple[Array, Array]:
+def task_token_counts(task_ids: Array, num_tasks: int) -> Array:
+  """task_ids [b, l] int in [0, num_tasks] -> [num_tasks] tokens of task id i + 1."""
+  onehot = jax.nn.one_hot(task_ids, num_tasks + 1, dtype=jnp.float32)[..., 1:]
+  return jnp.sum(onehot, axis=(0, 1))
+
+
+def per_task_mean(token_values: Array, task_ids: Array, num_tasks: int,
+                  counts: Optional[Array] = None) -> tuple[Array, Array]:
   """Mean of a per-token quantity within each task.
 
   token_values [b, l] float, task_ids [b, l] int in [0, num_tasks] ->
   (means [num_tasks], token counts [num_tasks]); entry i is task id i + 1. A
-  task absent from the batch has mean 0 and count 0.
+  task absent from the batch has mean 0 and count 0. `counts` [num_tasks]
+  overrides the denominators: with the whole batch's counts, the values of its
+  microbatches add up to the whole batch's means.
   """
   onehot = jax.nn.one_hot(task_ids, num_tasks + 1, dtype=jnp.float32)[..., 1:]
-  counts = jnp.sum(onehot, axis=(0, 1))
+  if counts is None:
+    counts = jnp.sum(onehot, axis=(0, 1))
   sums = jnp.einsum('bl,blk->k', token_values.astype(jnp.float32), onehot)
   return sums / jnp.maximum(counts, 1.0), counts
 
 
-def multitask_loss(token_loss: Array, task_ids: Array, weights: Sequence[float]) -> tuple[Array, Array, Array]:
+def multitask_loss(token_loss: Array, task_ids: Array, weights: Sequence[float],
+                   counts: Optional[Array] = None) -> tuple[Array, Array, Array]:
   """The weighted sum of per-task mean losses.
 
-  token_loss [b, l], task_ids [b, l], weights [k] (weight of task id i at i-1)
+  token_loss [b, l], task_ids [b, l], weights [k] (weight of task id i at i-1),
+  optional denominators counts [k] (see `per_task_mean`)
   -> (loss [], per-task mean losses [k], per-task token counts [k]).
   """
   w = jnp.asarray(weights, jnp.float32)
-  means, counts = per_task_mean(token_loss, task_ids, w.shape[0])
+  means, counts = per_task_mean(token_loss, task_ids, w.shape[0], counts)
   return jnp.sum(w * means), means, counts

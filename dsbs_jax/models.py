@@ -63,18 +63,23 @@ class StepByStepModel:
     weights = batch.get('decoder_loss_weights', batch['decoder_target_tokens'] > 0)
     return jnp.where(weights > 0, losses.LABEL_TASK, losses.PAD_TASK)
 
-  def loss_fn(self, params: Params, batch: Batch,
-              dropout_rng: Optional[Array]) -> tuple[Array, dict[str, Array]]:
-    """(scalar loss, metrics) for a (possibly packed, multi-task) batch."""
+  def loss_fn(self, params: Params, batch: Batch, dropout_rng: Optional[Array],
+              task_token_counts: Optional[Array] = None) -> tuple[Array, dict[str, Array]]:
+    """(scalar loss, metrics) for a (possibly packed, multi-task) batch.
+
+    `task_token_counts` [k], the whole batch's, makes a microbatch's loss and
+    metrics its additive share of the whole batch's (gradient accumulation).
+    """
     logits = self._logits(params, batch, dropout_rng)
     targets = batch['decoder_target_tokens']
     token_loss, token_z = losses.token_cross_entropy(logits, targets, self.label_smoothing,
                                                      self.z_loss)
     task_ids = self.task_ids(batch)
-    loss, task_losses, counts = losses.multitask_loss(token_loss, task_ids, self.task_weights)
+    loss, task_losses, counts = losses.multitask_loss(token_loss, task_ids, self.task_weights,
+                                                      task_token_counts)
     correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-    task_acc, _ = losses.per_task_mean(correct, task_ids, len(self.task_weights))
-    z_means, _ = losses.per_task_mean(token_z, task_ids, len(self.task_weights))
+    task_acc, _ = losses.per_task_mean(correct, task_ids, len(self.task_weights), counts)
+    z_means, _ = losses.per_task_mean(token_z, task_ids, len(self.task_weights), counts)
     metrics = {'loss': loss, 'z_loss': jnp.sum(jnp.asarray(self.task_weights) * z_means)}
     for i, name in enumerate(losses.TASK_NAMES[k] for k in range(1, len(self.task_weights) + 1)):
       metrics[f'{name}/loss'] = task_losses[i]

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dsbs_jax.errors import ConfigError
+
 LogicalRules = Sequence[tuple[str, Optional[str]]]
 
 # T5X's `standard_logical_axis_rules()`: data-parallel batch, model-parallel
@@ -30,6 +32,27 @@ STANDARD_RULES: LogicalRules = (
     ('relpos_buckets', None),
     ('length', None),
 )
+PRESETS = ('data_parallel', 'data_model', 'fsdp')
+
+
+def preset_rules(name: str = 'data_model') -> LogicalRules:
+  """Logical-axis rules for a named layout (gin: `PARTITIONING`).
+
+  data_parallel  parameters replicated, the batch split over `data`;
+  data_model     T5X's standard rules: the batch over `data`, heads/mlp/vocab over
+                 `model` (tensor parallelism; with NUM_PARTITIONS = 1 it is data parallel);
+  fsdp           as data_model, and every parameter's `embed` axis (so its optimizer
+                 state too) sharded over `data`, T5X's 2-D parameter partitioning.
+                 Activations keep `batch` on `data`: a mesh axis is used once per array.
+  """
+  if name == 'data_parallel':
+    return (('batch', 'data'),) + tuple((axis, None) for axis, _ in STANDARD_RULES[1:])
+  if name == 'data_model':
+    return STANDARD_RULES
+  if name == 'fsdp':
+    return tuple(('embed', 'data') if axis == 'embed' else (axis, mesh)
+                 for axis, mesh in STANDARD_RULES)
+  raise ConfigError(f'unknown partitioning preset {name!r}; choose from {PRESETS}')
 
 
 class Partitioner:
@@ -39,7 +62,10 @@ class Partitioner:
                devices: Optional[Sequence[jax.Device]] = None):
     devices = list(devices if devices is not None else jax.devices())
     if num_partitions < 1 or len(devices) % num_partitions:
-      raise ValueError(f'num_partitions={num_partitions} must divide the {len(devices)} devices')
+      raise ConfigError(f'NUM_PARTITIONS={num_partitions} must divide the {len(devices)} devices')
+    if num_partitions > 1 and all(mesh != 'model' for _, mesh in logical_axis_rules):
+      raise ConfigError(f'NUM_PARTITIONS={num_partitions} but the partitioning rules place '
+                        'nothing on the model axis; use the data_model or fsdp preset')
     grid = np.asarray(devices).reshape(len(devices) // num_partitions, num_partitions)
     self.mesh = Mesh(grid, ('data', 'model'))
     self.rules = tuple(tuple(r) for r in logical_axis_rules)
@@ -64,6 +90,12 @@ class Partitioner:
   def batch_sharding(self) -> NamedSharding:
     """Leading (batch) dimension split over the data axis."""
     return self.shardings(PartitionSpec('batch'))
+
+  def shard_global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """A batch that every process holds whole -> global arrays; each process
+    contributes its own consecutive block of rows (evaluation reads this way)."""
+    index, count = jax.process_index(), jax.process_count()
+    return self.shard_batch({k: np.array_split(v, count)[index] for k, v in batch.items()})
 
   def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Host numpy batch (this process's rows) -> global arrays sharded over `data`."""

@@ -15,20 +15,23 @@ import difflib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import re  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
-from typing import Any, Mapping, Optional, Sequence  # noqa: E402
+from typing import Any, Iterator, Mapping, Optional, Sequence  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import seqio  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 
 from dsbs_jax import hf_checkpoint  # noqa: E402
-from dsbs_jax.checkpoints import Checkpointer  # noqa: E402
+from dsbs_jax.checkpoints import BestCheckpoint, Checkpointer  # noqa: E402
 from dsbs_jax.data import tasks  # noqa: E402
 from dsbs_jax.errors import ConfigError  # noqa: E402
-from dsbs_jax.evaluation import Evaluator  # noqa: E402
+from dsbs_jax.evaluation import Evaluator, LossEvaluator  # noqa: E402
 from dsbs_jax.models import StepByStepModel  # noqa: E402
 from dsbs_jax.monitoring import MetricWriter, Progress  # noqa: E402
 from dsbs_jax.optimizers import Optimizer  # noqa: E402
@@ -94,15 +97,30 @@ def _load_initial_params(path: str, state: TrainState, trainer: Trainer,
 
 
 def _dataset(name: str, lengths: Mapping[str, int], batch_size: int, model: StepByStepModel,
-             pack: bool, seed: int, use_cached: bool) -> tf.data.Dataset:
-  """The infinite, deterministic training stream of this process's shard."""
-  if batch_size % jax.process_count():
-    raise ConfigError(f'BATCH_SIZE={batch_size} must divide over {jax.process_count()} processes')
-  return seqio.get_dataset(
+             pack: bool, seed: int, use_cached: bool, num_input_shards: Optional[int],
+             skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """This process's rows of the infinite, deterministic training stream.
+
+  The stream is `num_input_shards` SeqIO shards (`ShardInfo`), each giving
+  `batch_size / num_input_shards` rows per batch; a process reads only its own
+  consecutive shards. The global batch is then the same on any number of
+  processes, so 1 process and 2 processes with 2 input shards train alike.
+  The first `skip` batches (those consumed before a restart) are dropped.
+  """
+  processes = jax.process_count()
+  shards = num_input_shards or processes
+  if shards % processes or batch_size % shards:
+    raise ConfigError(f'num_input_shards={shards} must be a multiple of the {processes} '
+                      f'processes and divide BATCH_SIZE={batch_size}')
+  per_process = shards // processes
+  streams = [seqio.get_dataset(
       name, task_feature_lengths=lengths, dataset_split='train', shuffle=True, num_epochs=None,
       seed=seed, use_cached=use_cached, feature_converter=model.FEATURE_CONVERTER_CLS(pack=pack),
-      shard_info=seqio.ShardInfo(jax.process_index(), jax.process_count()),
-      batch_size=batch_size // jax.process_count())
+      shard_info=seqio.ShardInfo(index, shards), batch_size=batch_size // shards
+  ).skip(skip).as_numpy_iterator() for index in range(jax.process_index() * per_process,
+                                           (jax.process_index() + 1) * per_process)]
+  for parts in zip(*streams):
+    yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def _mean_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
@@ -110,18 +128,56 @@ def _mean_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
   return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
 
 
+class _Preemption:
+  """SIGTERM (how preemptible TPU VMs are stopped) asks the loop to save and exit 0.
+
+  With several processes, all of them agree on the step to stop at.
+  """
+
+  def __enter__(self) -> '_Preemption':
+    self._requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    self._requested = True
+
+  def requested(self) -> bool:
+    if jax.process_count() == 1:
+      return self._requested
+    return bool(multihost_utils.process_allgather(np.int32(self._requested)).any())
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _flatten(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+  return {f'{group}/{name}': value for group, values in results.items()
+          for name, value in values.items()}
+
+
 def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
           train_steps: int, batch_size: int, model: StepByStepModel, optimizer: Optimizer,
           partitioner: Optional[Partitioner] = None, pack: bool = True, seed: int = 0,
+          num_microbatches: int = 1, num_input_shards: Optional[int] = None,
           log_period: int = 50, eval_period: int = 0, eval_split: str = 'validation',
           final_eval_split: Optional[str] = 'test', eval_batch_size: Optional[int] = None,
-          eval_num_examples: Optional[int] = None, checkpoint_period: int = 1000,
-          keep_checkpoints: int = 3, initial_checkpoint_path: Optional[str] = None,
-          use_cached: bool = False, evaluate_rationales: bool = False) -> dict[str, Any]:
+          eval_num_examples: Optional[int] = None, best_metric: Optional[str] = None,
+          best_mode: str = 'max', checkpoint_period: int = 1000, keep_checkpoints: int = 3,
+          initial_checkpoint_path: Optional[str] = None, use_cached: bool = False,
+          evaluate_rationales: bool = False) -> dict[str, Any]:
   """Trains `model` on a SeqIO task/mixture, resuming from MODEL_DIR if it holds a checkpoint.
 
-  Evaluation decodes the label task; `evaluate_rationales` also decodes the
-  rationale task and scores it (ROUGE).
+  Every `eval_period` steps the validation split is evaluated: teacher-forced
+  loss per task, and SeqIO metrics of the decoded label task (plus the
+  rationale task with `evaluate_rationales`). The state with the best
+  `best_metric` (default: the label task's first metric) is kept in
+  MODEL_DIR/best, and the final test evaluation uses it; the test split never
+  takes part in selection. SIGTERM saves a checkpoint and returns.
 
   Returns {'step', 'train': last logged metrics, 'eval': {split: metrics}}; the
   same summary is written to MODEL_DIR/results.json.
@@ -141,7 +197,7 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   feature_lengths = converter.get_model_feature_lengths(lengths)
   input_shapes = {k: (batch_size, feature_lengths[k])
                   for k in ('encoder_input_tokens', 'decoder_input_tokens')}
-  trainer = Trainer(model, optimizer, partitioner, seed)
+  trainer = Trainer(model, optimizer, partitioner, seed, num_microbatches)
   checkpointer = Checkpointer(os.path.join(model_dir, 'checkpoints'), checkpoint_period,
                               keep_checkpoints)
   if checkpointer.latest_step() is not None:
@@ -156,66 +212,125 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   log.info('%.2fM parameters', n_params / 1e6)
 
   batches = _dataset(mixture_or_task_name, lengths, batch_size, model, pack, seed,
-                     use_cached).skip(consumed).as_numpy_iterator()
+                     use_cached, num_input_shards, skip=consumed)
   train_step = trainer.compile_train_step(input_shapes)
   is_chief = jax.process_index() == 0
   writer = MetricWriter(os.path.join(model_dir, 'train'), enabled=is_chief)
   param_shardings = trainer.state_shardings(input_shapes).params
+  eval_tasks = tasks.evaluation_tasks(mixture_or_task_name, evaluate_rationales)
 
-  def evaluator(split: str) -> Evaluator:
-    return Evaluator(tasks.evaluation_tasks(mixture_or_task_name, evaluate_rationales), split,
-                     lengths, model, partitioner,
-                     eval_batch_size or batch_size, param_shardings,
-                     os.path.join(model_dir, 'inference_eval', split) if is_chief else None,
-                     eval_num_examples)
+  def evaluate(split: str, params: Any, step: int) -> dict[str, dict[str, float]]:
+    if split not in evaluators:
+      evaluators[split] = (
+          MetricWriter(os.path.join(model_dir, 'eval', split), enabled=is_chief),
+          LossEvaluator(mixture_or_task_name, split, lengths, model, partitioner,
+                        eval_batch_size or batch_size, param_shardings, eval_num_examples),
+          Evaluator(eval_tasks, split, lengths, model, partitioner,
+                    eval_batch_size or batch_size, param_shardings,
+                    os.path.join(model_dir, 'inference_eval', split) if is_chief else None,
+                    eval_num_examples))
+    split_writer, losses_, decoded = evaluators[split]
+    results = {'teacher_forced': losses_.evaluate(params), **decoded.evaluate(params, step)}
+    split_writer.write(step, _flatten(results))
+    log.info('%s metrics at step %d: %s', split, step, results)
+    return results
 
+  def select(step: int, state: TrainState, consumed: int) -> None:
+    flat = _flatten(evaluate(eval_split, state.params, step))
+    best.metric = best.metric or next(k for k in flat if k.startswith(f'{eval_tasks[0]}/'))
+    best.update(step, state, consumed, flat)
+
+  evaluators: dict[str, tuple[MetricWriter, LossEvaluator, Evaluator]] = {}
+  best = BestCheckpoint(os.path.join(model_dir, 'best'), best_metric, best_mode) if eval_period else None
   step = int(state.step)
   progress = Progress(train_steps, step)
   history, last_logged, compiled = [], {}, False
   t_start = time.perf_counter()
-  valid_eval = evaluator(eval_split) if eval_period else None
-  while step < train_steps:
-    state, metrics = train_step(state, partitioner.shard_batch(next(batches)))
-    step, consumed = step + 1, consumed + 1
-    history.append(metrics)
-    if not compiled:
-      compiled = True
-      jax.block_until_ready(metrics)
-      log.info('First step (with compilation) took %.1fs', time.perf_counter() - t_start)
-      progress.start(step)
-      history = []
-    elif step % log_period == 0 or step == train_steps:
-      last_logged = _mean_metrics(history)
-      history = []
-      if not np.isfinite(last_logged['loss']):
-        raise FloatingPointError(f'loss is {last_logged["loss"]} at step {step}; the last '
-                                 f'checkpoint in {checkpointer.directory} is kept')
-      rate = progress.report(step, {k: last_logged[k] for k in ('loss', 'label/loss',
-                                                                 'rationale/loss')
-                                    if k in last_logged})
-      tokens = last_logged.get('label/tokens', 0) + last_logged.get('rationale/tokens', 0)
-      writer.write(step, {**last_logged, 'steps_per_sec': rate,
-                          'examples_per_sec': rate * batch_size, 'tokens_per_sec': rate * tokens})
-    checkpointer.save(step, state, consumed)
-    if valid_eval is not None and step % eval_period == 0 and step < train_steps:
-      log.info('%s %s: %s', eval_split, step, valid_eval.evaluate(state.params, step))
+  with _Preemption() as preemption:
+    while step < train_steps:
+      state, metrics = train_step(state, partitioner.shard_batch(next(batches)))
+      step, consumed = step + 1, consumed + 1
+      history.append(metrics)
+      if not compiled:
+        compiled = True
+        jax.block_until_ready(metrics)
+        log.info('First step (with compilation) took %.1fs', time.perf_counter() - t_start)
+        progress.start(step)
+        history = []
+      elif step % log_period == 0 or step == train_steps:
+        last_logged = _mean_metrics(history)
+        history = []
+        _check_finite(last_logged['loss'], step, checkpointer)
+        rate = progress.report(step, {k: last_logged[k] for k in ('loss', 'label/loss',
+                                                                   'rationale/loss')
+                                      if k in last_logged})
+        tokens = last_logged.get('label/tokens', 0) + last_logged.get('rationale/tokens', 0)
+        writer.write(step, {**last_logged, 'steps_per_sec': rate,
+                            'examples_per_sec': rate * batch_size,
+                            'tokens_per_sec': rate * tokens})
+      if checkpointer.should_save(step):
+        _check_finite(float(metrics['loss']), step, checkpointer)
+        checkpointer.save(step, state, consumed)
+      if best is not None and step % eval_period == 0:
+        select(step, state, consumed)
+      if preemption.requested():
+        checkpointer.save(step, state, consumed, force=True)
+        checkpointer.close()
+        writer.close()
+        log.info('SIGTERM: saved step %d to %s; exiting', step, checkpointer.directory)
+        return {'step': step, 'preempted': True}
   if checkpointer.latest_step() != step:
+    _check_finite(float(metrics['loss']), step, checkpointer)
     checkpointer.save(step, state, consumed, force=True)
   checkpointer.close()
   writer.close()
 
   results: dict[str, Any] = {'step': step, 'train': last_logged, 'eval': {}}
-  final_evaluators = {eval_split: valid_eval} if valid_eval else {}
-  if final_eval_split and final_eval_split not in final_evaluators:
-    final_evaluators[final_eval_split] = evaluator(final_eval_split)
-  for split, split_evaluator in final_evaluators.items():
-    results['eval'][split] = split_evaluator.evaluate(state.params, step)
-    log.info('%s metrics at step %d: %s', split, step, results['eval'][split])
+  if best is not None:
+    if step % eval_period:
+      select(step, state, consumed)
+    results['best'] = {'step': best.step, 'metric': best.metric, 'value': best.value}
+    log.info('Best %s: %s at step %d', best.metric, best.value, best.step)
+    state = best.restore(trainer.abstract_state(input_shapes))
+    best.close()
+  if final_eval_split:
+    results['eval'][final_eval_split] = evaluate(final_eval_split, state.params, int(state.step))
+  for split_writer, _, _ in evaluators.values():
+    split_writer.close()
   if is_chief:
     with open(os.path.join(model_dir, 'results.json'), 'w') as f:
       json.dump(results, f, indent=2)
   log.info('Done in %.1fs. Outputs in %s', time.perf_counter() - t_start, model_dir)
   return results
+
+
+def _check_finite(loss: float, step: int, checkpointer: Checkpointer) -> None:
+  if not np.isfinite(loss):
+    raise FloatingPointError(f'loss is {loss} at step {step}; stopping before saving it. The '
+                             f'last good checkpoint in {checkpointer.directory} is kept '
+                             f'(step {checkpointer.latest_step()})')
+
+
+def initialize_distributed(multihost: bool, coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> None:
+  """Starts `jax.distributed` for a multi-process run; a no-op for one process.
+
+  On a Cloud TPU pod `--multihost` alone suffices (JAX finds its peers). Elsewhere
+  the coordinator address, process count and id come from the flags. CPU
+  processes exchange collectives through gloo.
+  """
+  if not (multihost or coordinator_address):
+    return
+  if coordinator_address and (num_processes is None or process_id is None):
+    raise ConfigError('--coordinator_address needs --num_processes and --process_id')
+  if coordinator_address:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  else:
+    jax.distributed.initialize()
+  log.info('process %d of %d; %d local / %d global devices', jax.process_index(),
+           jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def _rewrite_gin_args(argv: Sequence[str]) -> list[str]:
@@ -242,6 +357,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             flag_values=fv)
   flags.DEFINE_boolean('list_tasks', False, 'Print registered tasks and mixtures, then exit.',
                        flag_values=fv)
+  flags.DEFINE_boolean('multihost', False, 'Initialise jax.distributed from the environment '
+                       '(Cloud TPU pods need nothing else).', flag_values=fv)
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for multi-process '
+                      'runs outside a TPU pod (see launch/local_multihost.sh).', flag_values=fv)
+  flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).',
+                       flag_values=fv)
+  flags.DEFINE_integer('process_id', None, 'This process (with --coordinator_address).',
+                       flag_values=fv)
   logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(levelname)s %(message)s',
                       datefmt='%H:%M:%S', stream=sys.stdout, force=True)
   log.setLevel(logging.INFO)
@@ -251,6 +374,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     fv(_rewrite_gin_args(argv))
     tf.config.set_visible_devices([], 'GPU')
+    initialize_distributed(fv.multihost, fv.coordinator_address, fv.num_processes,
+                           fv.process_id)
     if fv.list_tasks:
       import dsbs_jax.data.benchmarks  # noqa: F401  registers the paper's datasets
       import dsbs_jax.data.demo  # noqa: F401  registers the demo

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec
 
+from dsbs_jax import losses
+from dsbs_jax.errors import ConfigError
 from dsbs_jax.models import StepByStepModel
 from dsbs_jax.optimizers import Optimizer
 from dsbs_jax.partitioning import Partitioner
@@ -55,11 +57,14 @@ class Trainer:
   """Owns the jitted, sharded train step; the loop around it lives in `dsbs_jax.train`."""
 
   def __init__(self, model: StepByStepModel, optimizer: Optimizer, partitioner: Partitioner,
-               seed: int = 0):
+               seed: int = 0, num_microbatches: int = 1):
+    if num_microbatches < 1:
+      raise ConfigError(f'num_microbatches must be >= 1; got {num_microbatches}')
     self.model = model
     self.optimizer = optimizer
     self.partitioner = partitioner
     self.seed = seed
+    self.num_microbatches = num_microbatches
 
   def _init_state(self, input_shapes: Mapping[str, tuple[int, ...]]) -> TrainState:
     rng = jax.random.PRNGKey(self.seed)
@@ -93,10 +98,41 @@ class Trainer:
       return jax.jit(lambda: self._init_state(input_shapes),
                      out_shardings=self.state_shardings(input_shapes))()
 
+  def _grads(self, params: Any, batch: Mapping[str, Array], rng: Array) -> tuple[Any, dict]:
+    """Gradients and metrics of the whole batch, accumulated over microbatches.
+
+    Every microbatch is normalised by the whole batch's per-task token counts,
+    so the accumulated loss and gradients equal the whole batch's.
+    Microbatch i takes rows i, i + m, i + 2m, ...: each stays spread over the
+    data-parallel devices.
+    """
+    grad_fn = jax.value_and_grad(self.model.loss_fn, has_aux=True)
+    m = self.num_microbatches
+    if m == 1:
+      (_, metrics), grads = grad_fn(params, batch, rng)
+      return grads, metrics
+    rows = next(iter(batch.values())).shape[0]
+    if rows % m:
+      raise ConfigError(f'the batch ({rows} rows per step) must divide into {m} microbatches')
+    counts = losses.task_token_counts(self.model.task_ids(batch), len(self.model.task_weights))
+    micro = {k: v.reshape((rows // m, m) + v.shape[1:]).swapaxes(0, 1) for k, v in batch.items()}
+
+    def accumulate(carry, xs):
+      i, microbatch = xs
+      (_, metrics), grads = grad_fn(params, microbatch, jax.random.fold_in(rng, i), counts)
+      return jax.tree_util.tree_map(jnp.add, carry, (grads, metrics)), None
+
+    first = {k: v[0] for k, v in micro.items()}
+    shapes = jax.eval_shape(lambda: grad_fn(params, first, rng, counts))
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
+    (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(m), micro))
+    for i, name in enumerate(losses.TASK_NAMES[k] for k in range(1, counts.shape[0] + 1)):
+      metrics[f'{name}/tokens'] = counts[i]
+    return grads, metrics
+
   def _train_step(self, state: TrainState, batch: Mapping[str, Array]) -> tuple[TrainState, dict]:
     dropout_rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.value_and_grad(self.model.loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, batch, dropout_rng)
+    grads, metrics = self._grads(state.params, batch, dropout_rng)
     updates, opt_state = self.optimizer.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.global_norm(grads)

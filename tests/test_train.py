@@ -61,11 +61,21 @@ def test_short_run_learns_writes_outputs_and_resumes(tmp_path, capsys):
   assert {'steps_per_sec', 'tokens_per_sec', 'learning_rate', 'grad_norm'} <= set(events)
   assert sorted(os.listdir(model_dir / 'checkpoints'))[-1] == '40'
   assert (model_dir / 'inference_eval' / 'validation' / 'demo_gt_label-000020.jsonl').exists()
-  predictions = model_dir / 'inference_eval' / 'test' / 'demo_gt_label-000040.jsonl'
+  # Model selection on validation: the best state is kept and scores the test split once.
+  results = json.loads((model_dir / 'results.json').read_text())
+  best = results['best']
+  assert best['metric'] == 'demo_gt_label/equation_accuracy' and best['step'] in (20, 40)
+  assert sorted(os.listdir(model_dir / 'best')) == [str(best['step'])]
+  validation = [json.loads(line) for line in
+                (model_dir / 'eval' / 'validation' / 'metrics.jsonl').read_text().splitlines()]
+  assert [v['step'] for v in validation] == [20, 40]
+  assert best['value'] == max(v[best['metric']] for v in validation)
+  assert {'teacher_forced/label/loss', 'teacher_forced/rationale/loss'} <= set(validation[0])
+  predictions = model_dir / 'inference_eval' / 'test' / f'demo_gt_label-{best["step"]:06d}.jsonl'
   lines = [json.loads(line) for line in predictions.read_text().splitlines()]
   assert len(lines) == 16 and {'prediction', 'target'} <= set(lines[0])
-  results = json.loads((model_dir / 'results.json').read_text())
   assert 0.0 <= results['eval']['test']['demo_gt_label']['equation_accuracy'] <= 100.0
+  assert list(results['eval']) == ['test']
   # Running again with more steps resumes from the checkpoint at step 40.
   assert _run(model_dir, '--gin.TRAIN_STEPS=50') == 0
   assert 'Resumed from' in capsys.readouterr().out
@@ -91,7 +101,7 @@ def test_paper_dataset_trains_from_its_gin_files(tmp_path, data_root, capsys):
   out = capsys.readouterr().out
   assert 'svamp/train: parsed 787/800 teacher outputs, 13 unparseable' in out
   results = json.loads((model_dir / 'results.json').read_text())
-  assert set(results['eval']['test']) == {'svamp_llm_label'}
+  assert set(results['eval']['test']) == {'svamp_llm_label', 'teacher_forced'}
   assert 0.0 <= results['eval']['test']['svamp_llm_label']['equation_accuracy'] <= 100.0
   # The task was registered with the SentencePiece vocabulary the model uses.
   vocab = seqio.get_mixture_or_task('svamp_llm_label').output_features['targets'].vocabulary

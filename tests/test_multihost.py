@@ -1,0 +1,54 @@
+"""Multi-host training for real: jax.distributed processes on localhost (gloo collectives),
+started by launch/local_multihost.sh, against one process with the same global devices."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+FLAGS = [
+    '--gin_file=demo.gin', '--gin.network.T5Config.emb_dim=32', '--gin.network.T5Config.num_heads=2',
+    '--gin.network.T5Config.head_dim=16', '--gin.network.T5Config.mlp_dim=64',
+    '--gin.network.T5Config.num_encoder_layers=1', '--gin.network.T5Config.num_decoder_layers=1',
+    "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 64}", '--gin.BATCH_SIZE=8',
+    '--gin.TRAIN_STEPS=6', '--gin.train.train.log_period=1', '--gin.train.train.eval_period=0',
+    '--gin.train.train.final_eval_split=None', '--gin.train.train.num_input_shards=2',
+    '--gin.NUM_PARTITIONS=2', '--gin.train.train.checkpoint_period=3',
+]
+
+
+def _env(devices):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+  return env
+
+
+def _losses(model_dir):
+  rows = [json.loads(line) for line in open(model_dir / 'train' / 'metrics.jsonl')]
+  return [(r['step'], r['loss']) for r in rows]
+
+
+def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
+  single = tmp_path / 'single'
+  subprocess.run([sys.executable, '-m', 'dsbs_jax.train', *FLAGS, f"--gin.MODEL_DIR='{single}'"],
+                 env=_env(8), cwd=REPO, check=True, capture_output=True, timeout=300)
+  multi = tmp_path / 'multi'
+  run = subprocess.run(
+      ['bash', 'launch/local_multihost.sh', '2', '4', *FLAGS, f"--gin.MODEL_DIR='{multi}'"],
+      env=dict(_env(4), LOG_DIR=str(tmp_path / 'logs')), cwd=REPO, capture_output=True,
+      text=True, timeout=300)
+  logs = {p: open(tmp_path / 'logs' / p).read() for p in os.listdir(tmp_path / 'logs')}
+  assert run.returncode == 0, logs
+  assert 'process 1 of 2; 4 local / 8 global devices' in logs['process_1.log']
+  single_losses, multi_losses = _losses(single), _losses(multi)
+  assert [s for s, _ in multi_losses] == [2, 3, 4, 5, 6]
+  assert [s for s, _ in single_losses] == [s for s, _ in multi_losses]
+  for (_, a), (_, b) in zip(single_losses, multi_losses):
+    assert b == pytest.approx(a, rel=1e-5)
+  # The processes wrote each checkpoint together, as the single process did.
+  assert os.listdir(multi / 'checkpoints') and \
+      sorted(os.listdir(multi / 'checkpoints')) == sorted(os.listdir(single / 'checkpoints'))
