@@ -36,7 +36,7 @@ from dsbs_jax.models import StepByStepModel  # noqa: E402
 from dsbs_jax.monitoring import MetricWriter, Progress  # noqa: E402
 from dsbs_jax.optimizers import Optimizer  # noqa: E402
 from dsbs_jax.partitioning import Partitioner  # noqa: E402
-from dsbs_jax.trainer import TrainState, Trainer  # noqa: E402
+from dsbs_jax.trainer import TrainState, Trainer, memory_plan  # noqa: E402
 
 log = logging.getLogger('dsbs_jax')
 REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'gin')
@@ -169,7 +169,8 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
           eval_num_examples: Optional[int] = None, best_metric: Optional[str] = None,
           best_mode: str = 'max', checkpoint_period: int = 1000, keep_checkpoints: int = 3,
           initial_checkpoint_path: Optional[str] = None, use_cached: bool = False,
-          evaluate_rationales: bool = False) -> dict[str, Any]:
+          evaluate_rationales: bool = False,
+          plan_mesh: Optional[Mapping[str, int]] = None) -> dict[str, Any]:
   """Trains `model` on a SeqIO task/mixture, resuming from MODEL_DIR if it holds a checkpoint.
 
   Every `eval_period` steps the validation split is evaluated: teacher-forced
@@ -180,8 +181,18 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   takes part in selection. SIGTERM saves a checkpoint and returns.
 
   Returns {'step', 'train': last logged metrics, 'eval': {split: metrics}}; the
-  same summary is written to MODEL_DIR/results.json.
+  same summary is written to MODEL_DIR/results.json. With `plan_mesh` (e.g.
+  {'data': 32, 'model': 8}) it prints the memory plan for that mesh and returns.
   """
+  if plan_mesh is not None:
+    partitioner = partitioner or Partitioner()
+    lengths = model.FEATURE_CONVERTER_CLS(pack=pack).get_model_feature_lengths(
+        _check_lengths(task_feature_lengths))
+    shapes = {k: (batch_size, lengths[k]) for k in ('encoder_input_tokens', 'decoder_input_tokens')}
+    plan = memory_plan(Trainer(model, optimizer, partitioner, seed, num_microbatches), shapes,
+                       dict(plan_mesh))
+    print(plan)
+    return {'plan': plan}
   _check_task(mixture_or_task_name)
   lengths = _check_lengths(task_feature_lengths)
   model_dir = _check_model_dir(model_dir)
@@ -246,44 +257,48 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   progress = Progress(train_steps, step)
   history, last_logged, compiled = [], {}, False
   t_start = time.perf_counter()
-  with _Preemption() as preemption:
-    while step < train_steps:
-      state, metrics = train_step(state, partitioner.shard_batch(next(batches)))
-      step, consumed = step + 1, consumed + 1
-      history.append(metrics)
-      if not compiled:
-        compiled = True
-        jax.block_until_ready(metrics)
-        log.info('First step (with compilation) took %.1fs', time.perf_counter() - t_start)
-        progress.start(step)
-        history = []
-      elif step % log_period == 0 or step == train_steps:
-        last_logged = _mean_metrics(history)
-        history = []
-        _check_finite(last_logged['loss'], step, checkpointer)
-        rate = progress.report(step, {k: last_logged[k] for k in ('loss', 'label/loss',
-                                                                   'rationale/loss')
-                                      if k in last_logged})
-        tokens = last_logged.get('label/tokens', 0) + last_logged.get('rationale/tokens', 0)
-        writer.write(step, {**last_logged, 'steps_per_sec': rate,
-                            'examples_per_sec': rate * batch_size,
-                            'tokens_per_sec': rate * tokens})
-      if checkpointer.should_save(step):
-        _check_finite(float(metrics['loss']), step, checkpointer)
-        checkpointer.save(step, state, consumed)
-      if best is not None and step % eval_period == 0:
-        select(step, state, consumed)
-      if preemption.requested():
-        checkpointer.save(step, state, consumed, force=True)
-        checkpointer.close()
-        writer.close()
-        log.info('SIGTERM: saved step %d to %s; exiting', step, checkpointer.directory)
-        return {'step': step, 'preempted': True}
-  if checkpointer.latest_step() != step:
-    _check_finite(float(metrics['loss']), step, checkpointer)
-    checkpointer.save(step, state, consumed, force=True)
-  checkpointer.close()
-  writer.close()
+  preempted = False
+  try:  # a failure still waits for in-flight saves, so they stay restorable
+    with _Preemption() as preemption:
+      while step < train_steps:
+        state, metrics = train_step(state, partitioner.shard_batch(next(batches)))
+        step, consumed = step + 1, consumed + 1
+        history.append(metrics)
+        if not compiled:
+          compiled = True
+          jax.block_until_ready(metrics)
+          log.info('First step (with compilation) took %.1fs', time.perf_counter() - t_start)
+          progress.start(step)
+          history = []
+        elif step % log_period == 0 or step == train_steps:
+          last_logged = _mean_metrics(history)
+          history = []
+          _check_finite(last_logged, step, checkpointer)
+          rate = progress.report(step, {k: last_logged[k] for k in ('loss', 'label/loss',
+                                                                     'rationale/loss')
+                                        if k in last_logged})
+          tokens = last_logged.get('label/tokens', 0) + last_logged.get('rationale/tokens', 0)
+          writer.write(step, {**last_logged, 'steps_per_sec': rate,
+                              'examples_per_sec': rate * batch_size,
+                              'tokens_per_sec': rate * tokens})
+        if checkpointer.should_save(step):
+          _check_finite(metrics, step, checkpointer)
+          checkpointer.save(step, state, consumed)
+        if best is not None and step % eval_period == 0:
+          select(step, state, consumed)
+        if preemption.requested():
+          checkpointer.save(step, state, consumed, force=True)
+          preempted = True
+          break
+    if not preempted and checkpointer.latest_step() != step:
+      _check_finite(metrics, step, checkpointer)
+      checkpointer.save(step, state, consumed, force=True)
+  finally:
+    checkpointer.close()
+    writer.close()
+  if preempted:
+    log.info('SIGTERM: saved step %d to %s; exiting', step, checkpointer.directory)
+    return {'step': step, 'preempted': True}
 
   results: dict[str, Any] = {'step': step, 'train': last_logged, 'eval': {}}
   if best is not None:
@@ -304,11 +319,14 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   return results
 
 
-def _check_finite(loss: float, step: int, checkpointer: Checkpointer) -> None:
-  if not np.isfinite(loss):
-    raise FloatingPointError(f'loss is {loss} at step {step}; stopping before saving it. The '
-                             f'last good checkpoint in {checkpointer.directory} is kept '
-                             f'(step {checkpointer.latest_step()})')
+def _check_finite(metrics: Mapping[str, Any], step: int, checkpointer: Checkpointer) -> None:
+  """Stops on a non-finite loss or parameters, before they reach a checkpoint."""
+  for key in ('loss', 'param_norm'):
+    value = float(metrics[key])
+    if not np.isfinite(value):
+      raise FloatingPointError(
+          f'{key} is {value} at step {step}; stopping before saving it. The last good '
+          f'checkpoint in {checkpointer.directory} is kept (step {checkpointer.latest_step()})')
 
 
 def initialize_distributed(multihost: bool, coordinator_address: Optional[str] = None,
@@ -331,6 +349,16 @@ def initialize_distributed(multihost: bool, coordinator_address: Optional[str] =
     jax.distributed.initialize()
   log.info('process %d of %d; %d local / %d global devices', jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _parse_mesh(text: str) -> dict[str, int]:
+  """'32x8' -> {'data': 32, 'model': 8}; 'here' -> this machine's (devices, 1)."""
+  if text == 'here':
+    return {'data': jax.device_count(), 'model': 1}
+  match = re.fullmatch(r'(\d+)x(\d+)', text)
+  if not match:
+    raise ConfigError(f'--plan={text!r}: expected DATAxMODEL, e.g. 32x8, or "here"')
+  return {'data': int(match.group(1)), 'model': int(match.group(2))}
 
 
 def _rewrite_gin_args(argv: Sequence[str]) -> list[str]:
@@ -357,6 +385,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             flag_values=fv)
   flags.DEFINE_boolean('list_tasks', False, 'Print registered tasks and mixtures, then exit.',
                        flag_values=fv)
+  flags.DEFINE_string('plan', None, 'Print the memory plan for a DATAxMODEL mesh (e.g. 32x8: '
+                      'each parameter\'s sharding and GiB per device), then exit. "here" uses '
+                      'this machine\'s devices.', flag_values=fv)
   flags.DEFINE_boolean('multihost', False, 'Initialise jax.distributed from the environment '
                        '(Cloud TPU pods need nothing else).', flag_values=fv)
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for multi-process '
@@ -388,6 +419,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     configured = gin.get_configurable(train_module.train)
     required = ('model_dir', 'mixture_or_task_name', 'task_feature_lengths', 'train_steps',
                 'batch_size', 'model', 'optimizer')
+    if fv.plan:
+      gin.bind_parameter('train.train.model_dir', '/tmp/unused')  # plans write nothing
+      configured(plan_mesh=_parse_mesh(fv.plan), **{name: gin.REQUIRED for name in required
+                                                    if name != 'model_dir'})
+      return 0
     configured(**{name: gin.REQUIRED for name in required})
   except (ConfigError, flags.Error, FileNotFoundError, FloatingPointError) as e:
     print(f'dsbs-train: error: {e}', file=sys.stderr)

@@ -136,6 +136,7 @@ class Trainer:
     updates, opt_state = self.optimizer.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['param_norm'] = optax.global_norm(params)
     metrics['learning_rate'] = jnp.asarray(self.optimizer.learning_rate_fn(state.step), jnp.float32)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -151,3 +152,74 @@ class Trainer:
         return step(state, batch)
 
     return run
+
+
+def _shards(spec: PartitionSpec, mesh_shape: Mapping[str, int]) -> int:
+  count = 1
+  for axes in spec:
+    for axis in (axes if isinstance(axes, tuple) else (axes,)):
+      count *= mesh_shape.get(axis, 1) if axis else 1
+  return count
+
+
+def activation_bytes_estimate(config: Any, input_shapes: Mapping[str, tuple[int, ...]],
+                              mesh_shape: Mapping[str, int]) -> float:
+  """Rough bytes per device of the activations a train step keeps for backprop.
+
+  Per token and layer: ~10 (encoder) / 14 (decoder) embed-sized tensors, 3
+  mlp-sized, and attention probabilities; plus float32 logits (x3 for softmax
+  and its gradient). Model-parallel axes divide heads, mlp and vocab. With
+  remat only each layer's input is kept, plus one layer's worth at a time.
+  """
+  batch, enc = input_shapes['encoder_input_tokens']
+  dec = input_shapes['decoder_input_tokens'][1]
+  b = batch / mesh_shape.get('data', 1)
+  m = mesh_shape.get('model', 1)
+  size = 2 if config.dtype == 'bfloat16' else 4
+  heads, mlp = config.num_heads / m, config.mlp_dim / m
+  per_enc = b * enc * (10 * config.emb_dim + 3 * mlp + 2 * heads * enc)
+  per_dec = b * dec * (14 * config.emb_dim + 3 * mlp + 2 * heads * (dec + enc))
+  if config.remat:
+    elements = (b * config.emb_dim * (config.num_encoder_layers * enc
+                                      + config.num_decoder_layers * dec) + max(per_enc, per_dec))
+  else:
+    elements = config.num_encoder_layers * per_enc + config.num_decoder_layers * per_dec
+  logits = 3 * b * dec * config.vocab_size / m * 4
+  return elements * size + logits
+
+
+def memory_plan(trainer: 'Trainer', input_shapes: Mapping[str, tuple[int, ...]],
+                mesh_shape: Mapping[str, int]) -> str:
+  """The mesh, each parameter's sharding, and bytes per device of the train state.
+
+  Works from shapes alone (`jax.eval_shape`), for any mesh shape, so an XXL
+  layout can be checked on a laptop before a pod slice is rented.
+  """
+  rules = trainer.partitioner.rules
+  boxed = jax.eval_shape(
+      lambda: trainer.model.get_initial_variables(jax.random.PRNGKey(0), input_shapes))
+  logical = nn.get_partition_spec(boxed['params'])
+  abstract = jax.eval_shape(lambda: trainer._init_state(input_shapes))
+  opt_logical = optimizer_state_specs(abstract.opt_state, logical, abstract.params)
+  to_mesh = lambda spec: nn.logical_to_mesh_axes(spec, rules)  # noqa: E731
+  lines = [f'mesh {dict(mesh_shape)} ({_shards(PartitionSpec(*mesh_shape), mesh_shape)} devices)',
+           f'{"parameter":60} {"shape":>18} {"logical axes":>28} {"mesh axes":>22} {"MiB/dev":>9}']
+  param_bytes = 0.0
+  flat = jax.tree_util.tree_flatten_with_path(
+      logical, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
+  for (path, spec), leaf in zip(flat, jax.tree_util.tree_leaves(abstract.params)):
+    mesh_spec = to_mesh(spec)
+    n = leaf.size * leaf.dtype.itemsize / _shards(mesh_spec, mesh_shape)
+    param_bytes += n
+    lines.append(f'{"/".join(_path_names(path)):60} {str(leaf.shape):>18} '
+                 f'{str(tuple(spec)):>28} {str(tuple(mesh_spec)):>22} {n / 2**20:9.2f}')
+  opt_flat = jax.tree_util.tree_leaves(opt_logical, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  opt_bytes = sum(leaf.size * leaf.dtype.itemsize / _shards(to_mesh(spec), mesh_shape)
+                  for spec, leaf in zip(opt_flat, jax.tree_util.tree_leaves(abstract.opt_state)))
+  act = activation_bytes_estimate(trainer.model.module.config, input_shapes, mesh_shape)
+  gib = 2.0**30
+  lines.append(f'per device: params {param_bytes / gib:.2f} GiB, gradients '
+               f'{param_bytes / gib:.2f} GiB, optimizer state {opt_bytes / gib:.2f} GiB, '
+               f'activations ~{act / gib:.2f} GiB (estimate); total '
+               f'~{(2 * param_bytes + opt_bytes + act) / gib:.2f} GiB')
+  return '\n'.join(lines)

@@ -169,3 +169,32 @@ def test_initial_checkpoint_from_huggingface(tmp_path):
   import jax
   jax.tree_util.tree_map(np.testing.assert_array_equal,
                          jax.device_get(restored['state']['params']), expected)
+
+
+def test_initial_checkpoint_from_a_dsbs_run(tmp_path):
+  first = tmp_path / 'first'
+  quiet = ['--gin.train.train.final_eval_split=None', '--gin.train.train.eval_period=0']
+  assert _run(first, '--gin.TRAIN_STEPS=3', *quiet) == 0
+  second = tmp_path / 'second'
+  assert _run(second, '--gin.TRAIN_STEPS=1', '--gin.LEARNING_RATE=0.0', *quiet,
+              f"--gin.INITIAL_CHECKPOINT_PATH='{first / 'checkpoints'}'") == 0
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+  params = [jax.device_get(ocp.CheckpointManager(str(d / 'checkpoints')).restore(s)['state'][
+      'params']) for d, s in ((first, 3), (second, 1))]
+  jax.tree_util.tree_map(np.testing.assert_array_equal, *params)
+
+
+def test_memory_plan_for_a_mesh_without_its_devices(capsys):
+  gin.clear_config()
+  assert train.main(['dsbs-train', '--gin_file=train.gin', '--gin_file=models/t5_1_1/xxl.gin',
+                     "--gin.DATASET='demo'", '--gin.VOCAB_SIZE=32128', "--gin.PARTITIONING='fsdp'",
+                     '--gin.BATCH_SIZE=128', '--plan=32x8']) == 0
+  out = capsys.readouterr().out
+  assert "mesh {'data': 32, 'model': 8} (256 devices)" in out
+  line = next(l for l in out.splitlines() if l.startswith('decoder/layers_0/mlp/wi_0/kernel'))
+  assert "('data', 'model')" in line and line.split()[-1] == f'{4096 * 10240 * 4 / 256 / 2**20:.2f}'
+  total = next(l for l in out.splitlines() if l.startswith('per device:'))
+  # 11B float32 parameters over 256 devices: ~0.16 GiB each; Adam moments twice that.
+  assert 'params 0.16 GiB' in total and 'optimizer state 0.32 GiB' in total

@@ -27,7 +27,11 @@ T5_SENTENCEPIECE = 'gs://t5-data/vocabs/cc_all.32000/sentencepiece.model'
 
 def sentencepiece(path: str, extra_ids: int = 100) -> seqio.SentencePieceVocabulary:
   """The SentencePiece model at `path` (local or gs://), checked to exist up front."""
-  if not tf.io.gfile.exists(path):
+  try:
+    found = tf.io.gfile.exists(path)
+  except tf.errors.OpError as e:
+    raise ConfigError(f'SentencePiece model {path!r} cannot be read: {e.message}') from None
+  if not found:
     raise ConfigError(f'SentencePiece model {path!r} not found')
   return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
 

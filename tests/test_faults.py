@@ -1,0 +1,148 @@
+"""Faults a pod has, done for real in subprocesses: SIGKILL and restart, a kill during a
+save, SIGTERM preemption, and a diverging run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import gin
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from conftest import REPO
+from dsbs_jax import train
+
+MODEL = [
+    '--gin_file=demo.gin', '--gin.network.T5Config.emb_dim=64', '--gin.network.T5Config.num_heads=2',
+    '--gin.network.T5Config.head_dim=32', '--gin.network.T5Config.mlp_dim=128',
+    '--gin.network.T5Config.num_encoder_layers=1', '--gin.network.T5Config.num_decoder_layers=1',
+    "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 64}", '--gin.BATCH_SIZE=8',
+    '--gin.DROPOUT_RATE=0.1', '--gin.train.train.log_period=1', '--gin.train.train.eval_period=0',
+    '--gin.train.train.final_eval_split=None', '--gin.train.train.checkpoint_period=5',
+]
+ENV = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
+           PYTHONPATH=REPO)
+
+
+def _start(model_dir, *extra):
+  return subprocess.Popen([sys.executable, '-m', 'dsbs_jax.train', *MODEL, *extra,
+                           f"--gin.MODEL_DIR='{model_dir}'"], cwd=REPO, env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _steps_done(model_dir):
+  path = model_dir / 'train' / 'metrics.jsonl'
+  if not path.exists():
+    return 0
+  lines = path.read_text().splitlines()
+  return json.loads(lines[-1])['step'] if lines else 0
+
+
+def _wait_for(condition, timeout=240):
+  deadline = time.time() + timeout
+  while not condition():
+    assert time.time() < deadline, 'timed out'
+    time.sleep(0.05)
+
+
+def _final_losses(model_dir):
+  losses = {}
+  for line in (model_dir / 'train' / 'metrics.jsonl').read_text().splitlines():
+    row = json.loads(line)
+    losses[row['step']] = row['loss']  # a restart rewrites steps after its checkpoint
+  return losses
+
+
+def _params(model_dir, step):
+  manager = ocp.CheckpointManager(str(model_dir / 'checkpoints'))
+  return jax.device_get(manager.restore(step)['state']['params'])
+
+
+def test_sigkill_and_restart_resume_exactly(tmp_path):
+  straight = tmp_path / 'straight'
+  assert _start(straight, '--gin.TRAIN_STEPS=40').wait(timeout=300) == 0
+  killed = tmp_path / 'killed'
+  proc = _start(killed, '--gin.TRAIN_STEPS=40')
+  _wait_for(lambda: _steps_done(killed) >= 12)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  interrupted_at = _steps_done(killed)
+  assert interrupted_at < 40, 'the run finished before it could be killed'
+  restart = _start(killed, '--gin.TRAIN_STEPS=40')
+  out = restart.communicate(timeout=300)[0]
+  assert restart.returncode == 0, out
+  assert 'Resumed from' in out
+  assert _final_losses(killed) == _final_losses(straight)  # every step, bitwise
+  jax.tree_util.tree_map(np.testing.assert_array_equal, _params(killed, 40),
+                         _params(straight, 40))
+
+
+_SAVER = textwrap.dedent('''
+    import sys, numpy as np
+    from dsbs_jax.checkpoints import Checkpointer
+    ckpt = Checkpointer(sys.argv[1], save_interval_steps=1, max_to_keep=2, async_save=False)
+    step = (ckpt.latest_step() or 0) + 1
+    while True:
+      state = {'w': np.full((4_000_000,), step, np.float32), 'b': np.arange(1000) * step}
+      ckpt.save(step, state, batches_consumed=step)
+      print(step, flush=True)
+      step += 1
+''')
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_restorable(tmp_path):
+  directory = str(tmp_path / 'ckpt')
+  from dsbs_jax.checkpoints import Checkpointer
+  for delay in (0.3, 0.55, 0.8):
+    proc = subprocess.Popen([sys.executable, '-c', _SAVER, directory], cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, text=True)
+    proc.stdout.readline()  # at least one save finished
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    checkpointer = Checkpointer(directory, async_save=False)
+    step = checkpointer.latest_step()
+    abstract = {'w': jax.ShapeDtypeStruct((4_000_000,), np.float32),
+                'b': jax.ShapeDtypeStruct((1000,), np.int64)}
+    state, consumed = checkpointer.restore(abstract)
+    checkpointer.close()
+    assert consumed == step
+    assert float(state['w'][0]) == float(state['w'][-1]) == step
+    np.testing.assert_array_equal(state['b'], np.arange(1000) * step)
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
+  model_dir = tmp_path / 'run'
+  proc = _start(model_dir, '--gin.TRAIN_STEPS=100000')
+  _wait_for(lambda: _steps_done(model_dir) >= 3)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=120)[0]
+  assert proc.returncode == 0, out
+  saved = max(int(s) for s in os.listdir(model_dir / 'checkpoints'))
+  assert f'SIGTERM: saved step {saved}' in out
+  assert saved >= 3
+  restart = _start(model_dir, f'--gin.TRAIN_STEPS={saved + 2}')
+  out = restart.communicate(timeout=300)[0]
+  assert restart.returncode == 0 and f'Resumed from {model_dir}/checkpoints at step {saved}' in out
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+  gin.clear_config()
+  model_dir = tmp_path / 'run'
+  code = train.main(['dsbs-train', *MODEL, f"--gin.MODEL_DIR='{model_dir}'",
+                     '--gin.TRAIN_STEPS=20', '--gin.train.train.checkpoint_period=2',
+                     '--gin.LEARNING_RATE=1e38', '--gin.optimizers.create_optimizer.warmup_steps=4'])
+  gin.clear_config()
+  err = capsys.readouterr().err
+  assert code == 2
+  assert 'param_norm is inf at step 2; stopping before saving it' in err
+  assert 'kept (step 1)' in err
+  assert os.listdir(model_dir / 'checkpoints') == ['1']
+  params = _params(model_dir, 1)
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
