@@ -287,10 +287,9 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
         if best is not None and step % eval_period == 0:
           select(step, state, consumed)
         if preemption.requested():
-          checkpointer.save(step, state, consumed, force=True)
           preempted = True
           break
-    if not preempted and checkpointer.latest_step() != step:
+    if checkpointer.latest_step() != step:
       _check_finite(metrics, step, checkpointer)
       checkpointer.save(step, state, consumed, force=True)
   finally:

@@ -16,7 +16,7 @@ FLAGS = [
     '--gin.network.T5Config.num_encoder_layers=1', '--gin.network.T5Config.num_decoder_layers=1',
     "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 64}", '--gin.BATCH_SIZE=8',
     '--gin.TRAIN_STEPS=6', '--gin.train.train.log_period=1', '--gin.train.train.eval_period=0',
-    '--gin.train.train.final_eval_split=None', '--gin.train.train.num_input_shards=2',
+    '--gin.train.train.eval_num_examples=8', '--gin.train.train.num_input_shards=2',
     '--gin.NUM_PARTITIONS=2', '--gin.train.train.checkpoint_period=3',
 ]
 
@@ -49,6 +49,11 @@ def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
   assert [s for s, _ in single_losses] == [s for s, _ in multi_losses]
   for (_, a), (_, b) in zip(single_losses, multi_losses):
     assert b == pytest.approx(a, rel=1e-5)
+  # Evaluation decodes across both processes and scores the same as one process.
+  results = [json.loads(open(d / 'results.json').read())['eval'] for d in (single, multi)]
+  assert results[0]['test']['demo_gt_label'] == results[1]['test']['demo_gt_label']
+  assert results[1]['test']['teacher_forced']['loss'] == pytest.approx(
+      results[0]['test']['teacher_forced']['loss'], rel=1e-5)
   # The processes wrote each checkpoint together, as the single process did.
   assert os.listdir(multi / 'checkpoints') and \
       sorted(os.listdir(multi / 'checkpoints')) == sorted(os.listdir(single / 'checkpoints'))
