@@ -1,0 +1,195 @@
+"""Train-step throughput: our fused, packed step versus the reference's two-pass step.
+
+Both sides train the same model config from the same weights on the same real
+examples (SVAMP and CQA with their PaLM rationales), with the same batch of
+examples and vocabulary, timed in one process, interleaved A, B, A, B after
+warm-up. Peak memory is measured in a child process per side. Prints one JSON
+object.
+
+    python bench/train_throughput.py --config=small --variant=step_by_step
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench import harness, reference_torch  # noqa: E402
+from dsbs_jax import losses, models, network, optimizers, partitioning, trainer  # noqa: E402
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--config', default='mini', choices=sorted(harness.CONFIGS))
+  p.add_argument('--variant', default='step_by_step', choices=['step_by_step', 'standard'])
+  p.add_argument('--datasets', default='svamp,cqa')
+  p.add_argument('--batch_size', type=int, default=64, help='examples per step (reference)')
+  p.add_argument('--inputs', type=int, default=512, help='input feature length')
+  p.add_argument('--targets', type=int, default=384, help='target feature length')
+  p.add_argument('--rows', type=int, default=0,
+                 help='our packed rows per step; 0 picks the rows that hold batch_size examples')
+  p.add_argument('--steps', type=int, default=5)
+  p.add_argument('--warmup', type=int, default=2)
+  p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  p.add_argument('--memory_side', choices=['ours', 'reference'], help=argparse.SUPPRESS)
+  return p.parse_args(argv)
+
+
+class Ours:
+  """Our jitted, packed, single-pass step (AdamW 5e-5, alpha = 0.5 as the reference)."""
+
+  def __init__(self, config, params, rows, lengths, packed_rows, rationale):
+    vocab = harness.VOCAB
+    weights = losses.task_weights(alpha=0.5) if rationale else (1.0, 0.0)
+    model = models.StepByStepModel(network.Transformer(config), vocab, vocab,
+                                   task_weights=weights)
+    self.trainer = trainer.Trainer(model, optimizers.create_optimizer('adamw', 5e-5),
+                                   partitioning.Partitioner(devices=jax.devices()[:1]))
+    self.batches = itertools.cycle(list(itertools.islice(
+        harness.packed_batches(rows, lengths, packed_rows, rationale), 16)))
+    first, _ = next(self.batches)
+    shapes = {k: first[k].shape for k in ('encoder_input_tokens', 'decoder_input_tokens')}
+    state = self.trainer.create_state(shapes)
+    self.state = state.replace(params=jax.device_put(params, self.trainer.state_shardings(
+        shapes).params))
+    self.step_fn = self.trainer.compile_train_step(shapes)
+
+  def step(self):
+    batch, n_examples = next(self.batches)
+    start = time.perf_counter()
+    self.state, metrics = self.step_fn(self.state, self.trainer.partitioner.shard_batch(batch))
+    loss = float(metrics['loss'])
+    elapsed = time.perf_counter() - start
+    enc = int((batch['encoder_input_tokens'] > 0).sum())
+    dec = int((batch['decoder_target_tokens'] > 0).sum())
+    slots = batch['encoder_input_tokens'].size + batch['decoder_target_tokens'].size
+    return elapsed, n_examples, enc, dec, slots, loss
+
+
+class Reference:
+  """The reference step on the next `batch_size` examples."""
+
+  def __init__(self, model, rows, batch_size, rationale):
+    self.trainer = reference_torch.ReferenceTrainer(model, alpha=0.5)
+    self.rows = itertools.cycle(rows)
+    self.batch_size, self.rationale = batch_size, rationale
+
+  def step(self):
+    chunk = [next(self.rows) for _ in range(self.batch_size)]
+    label = reference_torch.half([r['predict'] for r in chunk], [r['label'] for r in chunk])
+    halves = [label]
+    rationale = None
+    if self.rationale:
+      rationale = reference_torch.half([r['explain'] for r in chunk],
+                                       [r['rationale'] for r in chunk])
+      halves.append(rationale)
+    start = time.perf_counter()
+    loss = self.trainer.step(label, rationale)
+    elapsed = time.perf_counter() - start
+    enc = sum(int(h['attention_mask'].sum()) for h in halves)
+    dec = sum(int((h['labels'] != reference_torch.IGNORE).sum()) for h in halves)
+    slots = sum(h['input_ids'].numel() + h['labels'].numel() for h in halves)
+    return elapsed, len(chunk), enc, dec, slots, loss
+
+
+def build(args):
+  config = harness.CONFIGS[args.config]
+  config = dataclasses.replace(config, dtype=args.dtype)
+  lengths = {'inputs': args.inputs, 'targets': args.targets}
+  rows = harness.examples(args.datasets.split(','), 'train', lengths)
+  rationale = args.variant == 'step_by_step'
+  torch_model, params = harness.same_weights(config)
+  if args.dtype == 'bfloat16':
+    torch_model = torch_model.to(torch.bfloat16)
+  packed_rows = args.rows or _rows_for(rows, lengths, args.batch_size, rationale)
+  return config, lengths, rows, rationale, torch_model, params, packed_rows
+
+
+def _rows_for(rows, lengths, batch_size, rationale) -> int:
+  """Packed rows per step that hold about `batch_size` examples on average."""
+  sample = list(itertools.islice(harness.packed_batches(rows, lengths, 8, rationale), 8))
+  per_row = sum(n for _, n in sample) / (8 * len(sample))
+  return max(1, round(batch_size / per_row))
+
+
+def measure(side, steps, warmup):
+  for _ in range(warmup):
+    side.step()
+  return [side.step() for _ in range(steps)]
+
+
+def rates(results, config, lengths, peak):
+  times = [r[0] for r in results]
+  median = float(np.median(times))
+  per_step = np.mean([r[1:] for r in results], axis=0)
+  examples, enc, dec, slots = per_step[:4]
+  flops = harness.train_flops(config, enc, dec, lengths['inputs'], lengths['targets'])
+  return {'median_step_s': median, 'examples_per_s': examples / median,
+          'real_tokens_per_s': (enc + dec) / median, 'padding_fraction': 1 - (enc + dec) / slots,
+          'model_flops_per_s': flops / median, 'flop_utilisation': flops / median / peak}
+
+
+def memory_child(args):
+  """Prints one side's peak RSS (bytes) during steady-state steps, and its RSS before them
+  (model, optimizer state, data and framework)."""
+  config, lengths, rows, rationale, torch_model, params, packed_rows = build(args)
+  side = (Ours(config, params, rows, lengths, packed_rows, rationale) if args.memory_side == 'ours'
+          else Reference(torch_model, rows, args.batch_size, rationale))
+  del torch_model, params
+  measure(side, 0, 1)  # compilation and first allocations
+  before = harness.reset_peak_rss()
+  measure(side, 2, 0)
+  print(json.dumps({'peak_rss_bytes': harness.peak_rss(), 'setup_rss_bytes': before}))
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  torch.set_num_threads(os.cpu_count())
+  if args.memory_side:
+    return memory_child(args)
+  config, lengths, rows, rationale, torch_model, params, packed_rows = build(args)
+  ours = Ours(config, params, rows, lengths, packed_rows, rationale)
+  reference = Reference(torch_model, rows, args.batch_size, rationale)
+  peak = harness.matmul_peak_flops()
+  for _ in range(args.warmup):
+    ours.step()
+    reference.step()
+  ours_results, reference_results = [], []
+  for _ in range(args.steps):
+    ours_results.append(ours.step())
+    reference_results.append(reference.step())
+  report = {'ours': rates(ours_results, config, lengths, peak),
+            'reference': rates(reference_results, config, lengths, peak)}
+  flags = sys.argv[1:] if argv is None else list(argv)
+  for side in ('ours', 'reference'):
+    child = json.loads(harness.run_child(
+        ['bench/train_throughput.py', *flags, f'--memory_side={side}']).splitlines()[-1])
+    report[side]['peak_memory_bytes'] = child['peak_rss_bytes']
+    report[side]['step_memory_bytes'] = child['peak_rss_bytes'] - child['setup_rss_bytes']
+  report['ratio_ours_over_reference'] = {
+      k: report['ours'][k] / report['reference'][k] for k in report['ours']
+      if report['reference'][k]}
+  print(json.dumps({
+      'benchmark': 'train_throughput', 'config': args.config, 'variant': args.variant,
+      'datasets': args.datasets, 'batch_examples': args.batch_size, 'our_packed_rows': packed_rows,
+      'lengths': lengths, 'dtype': args.dtype, 'steps': args.steps,
+      'machine': {'cpu': platform.processor() or platform.machine(), 'cores': os.cpu_count(),
+                  'jax_backend': jax.default_backend(),
+                  'matmul_peak_flops_per_s': peak},
+      **report}, indent=1))
+
+
+if __name__ == '__main__':
+  main()
