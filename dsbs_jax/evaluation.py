@@ -68,7 +68,7 @@ class LossEvaluator:
   """Teacher-forced loss and token accuracy per task on one split (packed, fixed shapes).
 
   Complements the decoding `Evaluator`: it covers the rationale task too and
-  costs one forward pass per batch.
+  costs one forward pass per batch. `num_examples` caps the packed rows read.
   """
 
   def __init__(self, mixture_or_task_name: str, split: str,

@@ -184,31 +184,24 @@ def train(*, model_dir: str, mixture_or_task_name: str, task_feature_lengths: Ma
   same summary is written to MODEL_DIR/results.json. With `plan_mesh` (e.g.
   {'data': 32, 'model': 8}) it prints the memory plan for that mesh and returns.
   """
+  lengths = _check_lengths(task_feature_lengths)
+  model_lengths = model.FEATURE_CONVERTER_CLS(pack=pack).get_model_feature_lengths(lengths)
+  input_shapes = {k: (batch_size, model_lengths[k])
+                  for k in ('encoder_input_tokens', 'decoder_input_tokens')}
+  partitioner = partitioner or Partitioner()
+  trainer = Trainer(model, optimizer, partitioner, seed, num_microbatches)
   if plan_mesh is not None:
-    partitioner = partitioner or Partitioner()
-    lengths = model.FEATURE_CONVERTER_CLS(pack=pack).get_model_feature_lengths(
-        _check_lengths(task_feature_lengths))
-    shapes = {k: (batch_size, lengths[k]) for k in ('encoder_input_tokens', 'decoder_input_tokens')}
-    plan = memory_plan(Trainer(model, optimizer, partitioner, seed, num_microbatches), shapes,
-                       dict(plan_mesh))
+    plan = memory_plan(trainer, input_shapes, dict(plan_mesh))
     print(plan)
     return {'plan': plan}
   _check_task(mixture_or_task_name)
-  lengths = _check_lengths(task_feature_lengths)
   model_dir = _check_model_dir(model_dir)
   if train_steps < 1 or batch_size < 1:
     raise ConfigError(f'TRAIN_STEPS and BATCH_SIZE must be >= 1; got {train_steps}, {batch_size}')
-  partitioner = partitioner or Partitioner()
   if batch_size % partitioner.data_size:
     raise ConfigError(f'BATCH_SIZE={batch_size} must be divisible by the data axis '
                       f'({partitioner.data_size})')
   log.info('%s; model %s', partitioner.describe(), model.module.config)
-
-  converter = model.FEATURE_CONVERTER_CLS(pack=pack)
-  feature_lengths = converter.get_model_feature_lengths(lengths)
-  input_shapes = {k: (batch_size, feature_lengths[k])
-                  for k in ('encoder_input_tokens', 'decoder_input_tokens')}
-  trainer = Trainer(model, optimizer, partitioner, seed, num_microbatches)
   checkpointer = Checkpointer(os.path.join(model_dir, 'checkpoints'), checkpoint_period,
                               keep_checkpoints)
   if checkpointer.latest_step() is not None:
