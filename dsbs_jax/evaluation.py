@@ -20,6 +20,14 @@ from dsbs_jax.models import StepByStepModel
 from dsbs_jax.partitioning import Partitioner
 
 
+def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+  """A final, short batch padded with all-zero rows to the fixed batch shape (no recompiling).
+
+  Zero rows decode to ignored predictions and carry task id 0, so they add no loss.
+  """
+  return {k: np.pad(v, [(0, rows - len(v))] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
+
+
 class Evaluator:
   """Decodes one split of some tasks with fixed-shape batches and scores them with SeqIO."""
 
@@ -44,8 +52,7 @@ class Evaluator:
       results = []
       for indices, batch in ds.batch(self.batch_size).as_numpy_iterator():
         n = len(indices)
-        padded = {k: np.pad(v, [(0, self.batch_size - n)] + [(0, 0)] * (v.ndim - 1))
-                  for k, v in batch.items()}
+        padded = pad_rows(batch, self.batch_size)
         with self.partitioner.activate():
           tokens = self._predict(params, self.partitioner.shard_global_batch(padded))
         tokens = multihost_utils.process_allgather(tokens, tiled=True)
@@ -94,9 +101,7 @@ class LossEvaluator:
     sums = {f'{n}/{m}': 0.0 for n in names for m in ('loss', 'accuracy')}
     tokens = dict.fromkeys(names, 0.0)
     for batch in self._dataset.batch(self.batch_size).as_numpy_iterator():
-      n = len(next(iter(batch.values())))
-      padded = {k: np.pad(v, [(0, self.batch_size - n)] + [(0, 0)] * (v.ndim - 1))
-                for k, v in batch.items()}
+      padded = pad_rows(batch, self.batch_size)
       with self.partitioner.activate():
         metrics = jax.device_get(self._loss(params, self.partitioner.shard_global_batch(padded)))
       for name in names:

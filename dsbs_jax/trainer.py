@@ -74,8 +74,9 @@ class Trainer:
     return TrainState(step=jnp.array(0, jnp.int32), params=params,
                       opt_state=self.optimizer.tx.init(params), rng=train_rng)
 
-  def state_shardings(self, input_shapes: Mapping[str, tuple[int, ...]]) -> TrainState:
-    """NamedShardings of every leaf of the train state, from the logical axes."""
+  def state_logical_specs(self, input_shapes: Mapping[str, tuple[int, ...]]
+                          ) -> tuple[TrainState, TrainState]:
+    """(logical PartitionSpecs, shapes) of every leaf of the train state, from shapes alone."""
     boxed = jax.eval_shape(
         lambda: self.model.get_initial_variables(jax.random.PRNGKey(0), input_shapes))
     param_specs = nn.get_partition_spec(boxed['params'])
@@ -83,7 +84,11 @@ class Trainer:
     opt_specs = optimizer_state_specs(abstract.opt_state, param_specs, abstract.params)
     specs = TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs,
                        rng=PartitionSpec())
-    return self.partitioner.shardings(specs)
+    return specs, abstract
+
+  def state_shardings(self, input_shapes: Mapping[str, tuple[int, ...]]) -> TrainState:
+    """NamedShardings of every leaf of the train state, from the logical axes."""
+    return self.partitioner.shardings(self.state_logical_specs(input_shapes)[0])
 
   def abstract_state(self, input_shapes: Mapping[str, tuple[int, ...]]) -> TrainState:
     """The state's shapes, dtypes and shardings, without allocating it."""
@@ -196,11 +201,8 @@ def memory_plan(trainer: 'Trainer', input_shapes: Mapping[str, tuple[int, ...]],
   layout can be checked on a laptop before a pod slice is rented.
   """
   rules = trainer.partitioner.rules
-  boxed = jax.eval_shape(
-      lambda: trainer.model.get_initial_variables(jax.random.PRNGKey(0), input_shapes))
-  logical = nn.get_partition_spec(boxed['params'])
-  abstract = jax.eval_shape(lambda: trainer._init_state(input_shapes))
-  opt_logical = optimizer_state_specs(abstract.opt_state, logical, abstract.params)
+  specs, abstract = trainer.state_logical_specs(input_shapes)
+  logical, opt_logical = specs.params, specs.opt_state
   to_mesh = lambda spec: nn.logical_to_mesh_axes(spec, rules)  # noqa: E731
   lines = [f'mesh {dict(mesh_shape)} ({_shards(PartitionSpec(*mesh_shape), mesh_shape)} devices)',
            f'{"parameter":60} {"shape":>18} {"logical axes":>28} {"mesh axes":>22} {"MiB/dev":>9}']
