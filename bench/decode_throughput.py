@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench import harness, reference_torch  # noqa: E402
-from dsbs_jax import models, network  # noqa: E402
+from dsbs_jax import evaluation, models, network  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -54,7 +54,8 @@ def build(args):
       tokens[i, :len(r)] = r
     batch = {'encoder_input_tokens': tokens,
              'decoder_input_tokens': np.zeros((len(inputs), args.max_new_tokens), np.int32)}
-    return np.asarray(predict(params, batch))
+    return np.asarray(predict(params, evaluation.trim_inputs(
+        batch, evaluation.INPUT_LENGTH_MULTIPLE)))
 
   def reference(inputs):
     return reference_torch.generate(torch_model, inputs, args.max_new_tokens)

@@ -8,6 +8,9 @@ does per step of distilling step-by-step:
 - two forward passes, one per half, each giving HF's mean token loss;
 - loss = alpha * L_label + (1 - alpha) * L_rationale, one backward through both,
   AdamW (lr 5e-5);
+- with `--grad_steps` > 1 (HF's gradient accumulation), the batch is split into
+  that many parts, each part's loss / grad_steps is backpropagated, then one
+  optimizer step;
 - decoding is `model.generate` (greedy) on `predict:` inputs.
 
 Standard finetuning is the same with the label half only. Token ids come from
@@ -69,13 +72,17 @@ class ReferenceTrainer:
     self.alpha = alpha
     self.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
 
-  def step(self, label_half: dict[str, torch.Tensor],
-           rationale_half: dict[str, torch.Tensor] | None) -> float:
+  def step(self, parts: Sequence[tuple[dict[str, torch.Tensor],
+                                       dict[str, torch.Tensor] | None]]) -> float:
+    """One optimizer step over (label half, rationale half) parts, accumulated as HF does."""
     self.optimizer.zero_grad(set_to_none=True)
-    loss = step_by_step_loss(self.model, label_half, rationale_half, self.alpha)
-    loss.backward()
+    total = 0.0
+    for label_half, rationale_half in parts:
+      loss = step_by_step_loss(self.model, label_half, rationale_half, self.alpha) / len(parts)
+      loss.backward()
+      total += float(loss.detach())
     self.optimizer.step()
-    return float(loss.detach())
+    return total
 
 
 @torch.no_grad()

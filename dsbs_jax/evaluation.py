@@ -28,19 +28,47 @@ def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray
   return {k: np.pad(v, [(0, rows - len(v))] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
 
 
+# Decoded inputs are trimmed to a multiple of this many tokens (`trim_inputs`).
+INPUT_LENGTH_MULTIPLE = 64
+
+
+def trim_inputs(batch: Mapping[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+  """The batch without the encoder columns past its longest input, rounded up to
+  a multiple of `multiple`.
+
+  Decoding cost grows with the encoder length (the encoder pass and every
+  step's cross-attention), so a batch should not pay for the longest input of
+  the whole split; rounding bounds the compiled shapes to
+  feature_length / multiple. All processes agree on the width (SPMD).
+  """
+  tokens = batch['encoder_input_tokens']
+  used = np.flatnonzero((tokens > 0).any(axis=0))
+  longest = int(used[-1]) + 1 if used.size else 1
+  width = min(tokens.shape[1], -(-longest // multiple) * multiple)
+  if jax.process_count() > 1:
+    width = int(np.max(multihost_utils.process_allgather(np.asarray(width))))
+  return {k: v[:, :width] if k.startswith('encoder_') else v for k, v in batch.items()}
+
+
 class Evaluator:
-  """Decodes one split of some tasks with fixed-shape batches and scores them with SeqIO."""
+  """Decodes one split of some tasks and scores them with SeqIO.
+
+  Batches have a fixed number of rows; their inputs are trimmed to a multiple
+  of `input_length_multiple` (`trim_inputs`), so only a few shapes compile.
+  """
 
   def __init__(self, task_names: Sequence[str], split: str, task_feature_lengths: Mapping[str, int],
                model: StepByStepModel, partitioner: Partitioner, batch_size: int,
                param_shardings: Any, log_dir: Optional[str],
-               num_examples: Optional[int] = None):
+               num_examples: Optional[int] = None,
+               input_length_multiple: int = INPUT_LENGTH_MULTIPLE):
     loggers = (seqio.TensorBoardLogger, seqio.JSONLogger) if log_dir else ()
     self._seqio = [seqio.Evaluator(
         mixture_or_task_name=name, feature_converter=model.FEATURE_CONVERTER_CLS(pack=False),
         eval_split=split, sequence_length=dict(task_feature_lengths), num_examples=num_examples,
         logger_cls=loggers, log_dir=log_dir, async_compute_metrics=False) for name in task_names]
     self.batch_size = batch_size
+    self.input_length_multiple = input_length_multiple
     self.partitioner = partitioner
     self._predict = jax.jit(model.predict_batch,
                             in_shardings=(param_shardings, partitioner.batch_sharding()),
@@ -52,7 +80,7 @@ class Evaluator:
       results = []
       for indices, batch in ds.batch(self.batch_size).as_numpy_iterator():
         n = len(indices)
-        padded = pad_rows(batch, self.batch_size)
+        padded = trim_inputs(pad_rows(batch, self.batch_size), self.input_length_multiple)
         with self.partitioner.activate():
           tokens = self._predict(params, self.partitioner.shard_global_batch(padded))
         tokens = multihost_utils.process_allgather(tokens, tiled=True)

@@ -5,6 +5,10 @@ map one-to-one) and every parameter and main activation carries logical axis
 names (`batch`, `length`, `embed`, `mlp`, `heads`, `kv`, `joined_kv`, `vocab`,
 `relpos_buckets`) that `dsbs_jax.partitioning` maps onto a device mesh.
 
+Attention is computed a block of query rows at a time and recomputed in the
+backward pass (`dot_product_attention`), so no layer holds a [b, h, q, k]
+tensor for backprop.
+
 Shapes use b = batch, l = length (q/k for query/key), e = embed, h = heads,
 d = head_dim, v = vocab.
 """
@@ -16,6 +20,7 @@ import functools
 import math
 from typing import Callable, Optional, Sequence
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,10 +63,11 @@ class T5Config:
   relative_attention_max_distance: int = 128
   layer_norm_epsilon: float = 1e-6
   remat: bool = False
+  attention_block_size: int = 256
 
   def __post_init__(self):
     for name in ('vocab_size', 'emb_dim', 'num_heads', 'num_encoder_layers',
-                 'num_decoder_layers', 'head_dim', 'mlp_dim'):
+                 'num_decoder_layers', 'head_dim', 'mlp_dim', 'attention_block_size'):
       if int(getattr(self, name)) < 1:
         raise ValueError(f'T5Config.{name} must be >= 1, got {getattr(self, name)}')
     unknown = [a for a in self.mlp_activations if a not in ACTIVATIONS]
@@ -103,8 +109,37 @@ def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
   return buckets + np.where(is_small, rp, large)
 
 
+def _kernel(module: nn.Module, shape: tuple[int, int], axes: tuple[str, str],
+            init: Initializer) -> Array:
+  """A projection's float32 `kernel`, stored 2-D as in T5X checkpoints."""
+  return module.param('kernel', nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+class Kernel(nn.Module):
+  """A projection's kernel alone, for callers that fuse several projections."""
+
+  shape: tuple[int, int]
+  axes: tuple[str, str]
+  init: Initializer
+
+  @nn.compact
+  def __call__(self) -> Array:
+    return _kernel(self, self.shape, self.axes, self.init)
+
+
+def project(x: Array, kernels: Sequence[Array], dtype: jnp.dtype) -> list[Array]:
+  """x [..., e] through each kernel [e, f_i] -> [[..., f_i]], as one matmul.
+
+  Concatenating the kernels gives XLA one larger matmul (and one for each
+  gradient) instead of several small ones; the split outputs are views.
+  """
+  kernel = jnp.concatenate(kernels, axis=1) if len(kernels) > 1 else kernels[0]
+  y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+  return jnp.split(y, np.cumsum([k.shape[1] for k in kernels])[:-1], axis=-1)
+
+
 class Dense(nn.Module):
-  """A bias-free projection whose kernel is stored 2-D, as in T5X checkpoints."""
+  """A bias-free projection; its kernel is stored 2-D, as in T5X checkpoints."""
 
   features: int
   kernel_axes: tuple[str, str]
@@ -113,10 +148,8 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param(
-        'kernel', nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
-        (x.shape[-1], self.features), jnp.float32)
-    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    kernel = _kernel(self, (x.shape[-1], self.features), self.kernel_axes, self.kernel_init)
+    return project(x, [kernel], self.dtype)[0]
 
 
 class Embed(nn.Module):
@@ -160,38 +193,99 @@ class RelativePositionBias(nn.Module):
   """Learned per-head bias for each relative-position bucket, shared by all layers."""
 
   num_buckets: int
-  max_distance: int
   num_heads: int
-  bidirectional: bool
-  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, q_len: int, k_len: int) -> Array:
-    """Returns [1, h, q, k]."""
-    rp = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]
-    buckets = relative_position_bucket(rp, self.bidirectional, self.num_buckets, self.max_distance)
-    table = self.param(
+  def __call__(self) -> Array:
+    """The table [h, num_buckets]; `AttentionBias` looks it up block by block."""
+    return self.param(
         'rel_embedding',
         nn.with_logical_partitioning(nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform'),
                                      ('heads', 'relpos_buckets')),
         (self.num_heads, self.num_buckets), jnp.float32)
-    return table[:, jnp.asarray(buckets, jnp.int32)][None].astype(self.dtype)
 
 
-def dot_product_attention(query: Array, key: Array, value: Array, bias: Array,
-                          dropout_rng: Optional[Array], dropout_rate: float,
-                          dtype: jnp.dtype) -> Array:
-  """Unscaled attention, as T5 folds 1/sqrt(d) into the query initialisation.
+@flax.struct.dataclass
+class AttentionBias:
+  """The additive attention bias [b, h, q, k], kept as its parts.
 
-  query [b, q, h, d], key/value [b, k, h, d], bias [b|1, h|1, q, k] (masks
-  included as large negatives) -> [b, q, h, d]. Logits and softmax in float32.
+  Attention builds the bias one block of query rows at a time (`rows`), so the
+  whole [b, h, q, k] tensor never exists. query_valid [b, q] and key_valid
+  [b, k] are bool; segment ids [b, q] / [b, k] confine packed examples to
+  themselves; `causal` hides later keys; relpos_table [h, n] is looked up with
+  the precomputed int32 relpos_buckets [q, k].
   """
-  logits = jnp.einsum('bqhd,bkhd->bhqk', query, key, preferred_element_type=jnp.float32)
-  weights = jax.nn.softmax(logits + bias.astype(jnp.float32), axis=-1).astype(dtype)
-  if dropout_rng is not None and dropout_rate > 0.0:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0).astype(dtype)
-  return jnp.einsum('bhqk,bkhd->bqhd', weights, value)
+
+  query_valid: Array
+  key_valid: Array
+  query_segments: Optional[Array] = None
+  key_segments: Optional[Array] = None
+  causal: bool = flax.struct.field(pytree_node=False, default=False)
+  relpos_table: Optional[Array] = None
+  relpos_buckets: Optional[Array] = None
+
+  def rows(self, start, size: int) -> Array:
+    """The bias of query rows [start, start + size) -> [b, h|1, size, k] float32."""
+    take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)  # noqa: E731
+    mask = take(self.query_valid)[:, None, :, None] & self.key_valid[:, None, None, :]
+    if self.query_segments is not None and self.key_segments is not None:
+      mask &= take(self.query_segments)[:, None, :, None] == self.key_segments[:, None, None, :]
+    if self.causal:
+      query_pos = start + jnp.arange(size)
+      mask &= (query_pos[:, None] >= jnp.arange(self.key_valid.shape[1])[None, :])[None, None]
+    bias = jnp.where(mask, 0.0, _NEG_INF).astype(jnp.float32)
+    if self.relpos_table is not None:
+      buckets = jax.lax.dynamic_slice_in_dim(self.relpos_buckets, start, size, axis=0)
+      bias = bias + jnp.take(jnp.asarray(self.relpos_table), buckets, axis=1)[None]
+    return bias
+
+  def pad_queries(self, pad: int) -> 'AttentionBias':
+    """The same bias with `pad` invalid query rows appended."""
+    if pad == 0:
+      return self
+    extend = lambda x: None if x is None else jnp.pad(x, ((0, 0), (0, pad)))  # noqa: E731
+    buckets = self.relpos_buckets
+    if buckets is not None:
+      buckets = jnp.pad(buckets, ((0, pad), (0, 0)), mode='edge')
+    return self.replace(query_valid=extend(self.query_valid),
+                        query_segments=extend(self.query_segments), relpos_buckets=buckets)
+
+
+def dot_product_attention(query: Array, key: Array, value: Array, bias: AttentionBias, *,
+                          block_size: int, dropout_rng: Optional[Array], dropout_rate: float,
+                          dtype: jnp.dtype, query_start=0, kv_layout: str = 'bkhd') -> Array:
+  """Unscaled attention (T5 folds 1/sqrt(d) into the query initialisation),
+  `block_size` query rows at a time.
+
+  query [b, q, h, d], key/value [b, k, h, d] (or [b, h, k, d] with
+  kv_layout='bhkd') -> [b, q, h, d]; the queries are
+  rows `query_start`.. of `bias`. Each block is rematerialised in the backward
+  pass, so a layer keeps only q, k and v for it, and at most one block's
+  [b, h, block, k] logits exist at a time, instead of several [b, h, q, k]
+  tensors per layer. Logits and softmax are float32.
+  """
+
+  def block(start, q, rng):
+    logits = jnp.einsum(f'bqhd,{kv_layout}->bhqk', q, key, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits + bias.rows(start, q.shape[1]), axis=-1).astype(dtype)
+    if rng is not None and dropout_rate > 0.0:
+      keep = jax.random.bernoulli(rng, 1.0 - dropout_rate, weights.shape)
+      weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0).astype(dtype)
+    return jnp.einsum(f'bhqk,{kv_layout}->bqhd', weights, value)
+
+  block = jax.checkpoint(block)
+  batch, q_len, heads, head_dim = query.shape
+  if q_len <= block_size:
+    return block(query_start, query, dropout_rng)
+  n = -(-q_len // block_size)
+  size = -(-q_len // n)
+  pad = n * size - q_len
+  bias = bias.pad_queries(pad)
+  blocks = jnp.pad(query, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  blocks = blocks.reshape(batch, n, size, heads, head_dim).swapaxes(0, 1)
+  rngs = None if dropout_rng is None else jax.random.split(dropout_rng, n)
+  out = jax.lax.map(lambda xs: block(*xs), (query_start + jnp.arange(n) * size, blocks, rngs))
+  return out.swapaxes(0, 1).reshape(batch, n * size, heads, head_dim)[:, :q_len]
 
 
 class MultiHeadAttention(nn.Module):
@@ -206,13 +300,12 @@ class MultiHeadAttention(nn.Module):
   static_kv: bool = False
 
   @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array, bias: Array, *,
+  def __call__(self, inputs_q: Array, inputs_kv: Array, bias: AttentionBias, *,
                deterministic: bool, decode: bool = False) -> Array:
-    """inputs_q [b, q, e], inputs_kv [b, k, e], bias [b|1, h|1, q, k] -> [b, q, e].
+    """inputs_q [b, q, e], inputs_kv [b, k, e] -> [b, q, e].
 
-    In self-attention decode mode q = 1 and `bias` is the full [1, h, L, L]
-    position bias over the cache length L; the row for the current step is
-    sliced out here.
+    In self-attention decode mode q = 1 and `bias` covers the whole cache
+    length L (queries and keys); the row for the current step is used.
     """
     cfg = self.config
     dtype = cfg.activation_dtype
@@ -225,45 +318,56 @@ class MultiHeadAttention(nn.Module):
       x = x.reshape(x.shape[:2] + (cfg.num_heads, cfg.head_dim))
       return nn.with_logical_constraint(x, ('batch', 'length', 'heads', 'kv'))
 
+    # Decoding keeps keys and values (its caches) as [b, h, k, d], the layout
+    # attention reads, so no step transposes a whole cache; training keeps
+    # [b, k, h, d], which XLA CPU handles faster there.
+    kv_layout = 'bhkd' if decode else 'bkhd'
+
+    def split_kv_heads(x: Array) -> Array:
+      if not decode:
+        return split_heads(x)
+      x = jnp.swapaxes(split_heads(x), 1, 2)
+      return nn.with_logical_constraint(x, ('batch', 'heads', 'length', 'kv'))
+
     query = split_heads(proj(kernel_init=query_init, name='query')(inputs_q))
     key_proj = proj(kernel_init=fan_in, name='key')
     value_proj = proj(kernel_init=fan_in, name='value')
 
     if decode and self.static_kv:
       cached_key = self.variable('cache', 'cached_key',
-                                 lambda: split_heads(key_proj(inputs_kv)))
+                                 lambda: split_kv_heads(key_proj(inputs_kv)))
       cached_value = self.variable('cache', 'cached_value',
-                                   lambda: split_heads(value_proj(inputs_kv)))
+                                   lambda: split_kv_heads(value_proj(inputs_kv)))
       key, value = cached_key.value, cached_value.value
     else:
-      key = split_heads(key_proj(inputs_kv))
-      value = split_heads(value_proj(inputs_kv))
+      key = split_kv_heads(key_proj(inputs_kv))
+      value = split_kv_heads(value_proj(inputs_kv))
 
+    query_start = 0
     if decode and not self.static_kv:
       initialized = self.has_variable('cache', 'cached_key')
       cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
       cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
       cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
       if initialized:
-        length = cached_key.value.shape[1]
         if inputs_q.shape[1] != 1:
           raise ValueError('Decoding consumes one token per step; got '
                            f'{inputs_q.shape[1]} tokens.')
         idx = cache_index.value
         key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
-                                           (0, idx, 0, 0))
+                                           (0, 0, idx, 0))
         value = jax.lax.dynamic_update_slice(cached_value.value,
-                                             value.astype(cached_value.value.dtype), (0, idx, 0, 0))
+                                             value.astype(cached_value.value.dtype), (0, 0, idx, 0))
         cached_key.value, cached_value.value = key, value
         cache_index.value = idx + 1
-        bias = jax.lax.dynamic_slice_in_dim(bias, idx, 1, axis=-2)
-        causal = jnp.where(jnp.arange(length) <= idx, 0.0, _NEG_INF)
-        bias = bias + causal[None, None, None, :].astype(bias.dtype)
+        query_start = idx
 
     dropout_rng = None
     if not deterministic and cfg.dropout_rate > 0.0:
       dropout_rng = self.make_rng('dropout')
-    out = dot_product_attention(query, key, value, bias, dropout_rng, cfg.dropout_rate, dtype)
+    out = dot_product_attention(query, key, value, bias, block_size=cfg.attention_block_size,
+                                dropout_rng=dropout_rng, dropout_rate=cfg.dropout_rate,
+                                dtype=dtype, query_start=query_start, kv_layout=kv_layout)
     out = out.reshape(out.shape[:2] + (hd,))
     out = nn.with_logical_constraint(out, ('batch', 'length', 'joined_kv'))
     return Dense(cfg.emb_dim, ('joined_kv', 'embed'), fan_in, dtype, name='out')(out)
@@ -281,10 +385,11 @@ class MlpBlock(nn.Module):
     dtype = cfg.activation_dtype
     init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
     acts = cfg.mlp_activations
+    names = [f'wi_{i}' for i in range(len(acts))] if len(acts) > 1 else ['wi']
+    kernels = [Kernel((x.shape[-1], cfg.mlp_dim), ('embed', 'mlp'), init, name=n)() for n in names]
     hidden = None
-    for i, act in enumerate(acts):
-      name = f'wi_{i}' if len(acts) > 1 else 'wi'
-      h = ACTIVATIONS[act](Dense(cfg.mlp_dim, ('embed', 'mlp'), init, dtype, name=name)(x))
+    for act, h in zip(acts, project(x, kernels, dtype)):
+      h = ACTIVATIONS[act](h)
       hidden = h if hidden is None else hidden * h
     hidden = nn.with_logical_constraint(hidden, ('batch', 'length', 'mlp'))
     hidden = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(hidden, deterministic=deterministic)
@@ -299,7 +404,7 @@ class EncoderLayer(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, bias: AttentionBias, deterministic: bool) -> Array:
     cfg = self.config
     dtype = cfg.activation_dtype
     drop = lambda y: nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
@@ -315,7 +420,8 @@ class DecoderLayer(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array,
+  def __call__(self, x: Array, encoded: Array, self_bias: AttentionBias,
+               cross_bias: AttentionBias,
                deterministic: bool, decode: bool) -> Array:
     cfg = self.config
     dtype = cfg.activation_dtype
@@ -337,22 +443,12 @@ def _maybe_remat(cls: type[nn.Module], cfg: T5Config, static_argnums: tuple[int,
   return nn.remat(cls, static_argnums=static_argnums) if cfg.remat else cls
 
 
-def attention_bias(query_valid: Array, key_valid: Array,
-                   query_segments: Optional[Array] = None,
-                   key_segments: Optional[Array] = None,
-                   causal: bool = False) -> Array:
-  """Additive mask: 0 where a query may attend a key, a large negative elsewhere.
-
-  query_valid [b, q] bool, key_valid [b, k] bool, segments [b, q] / [b, k]
-  (packed examples attend only within their segment) -> [b, 1, q, k] float32.
-  """
-  mask = query_valid[:, None, :, None] & key_valid[:, None, None, :]
-  if query_segments is not None and key_segments is not None:
-    mask &= query_segments[:, None, :, None] == key_segments[:, None, None, :]
-  if causal:
-    q, k = query_valid.shape[1], key_valid.shape[1]
-    mask &= (jnp.arange(q)[:, None] >= jnp.arange(k)[None, :])[None, None]
-  return jnp.where(mask, 0.0, _NEG_INF).astype(jnp.float32)
+def _buckets(cfg: T5Config, length: int, bidirectional: bool) -> Array:
+  """[length, length] int32 relative-position buckets of T5's position bias."""
+  rp = np.arange(length)[None, :] - np.arange(length)[:, None]
+  return jnp.asarray(relative_position_bucket(rp, bidirectional,
+                                              cfg.relative_attention_num_buckets,
+                                              cfg.relative_attention_max_distance), jnp.int32)
 
 
 class Encoder(nn.Module):
@@ -365,11 +461,11 @@ class Encoder(nn.Module):
     cfg = self.config
     dtype = cfg.activation_dtype
     valid = tokens > 0
-    bias = attention_bias(valid, valid, segment_ids, segment_ids)
-    bias = bias + RelativePositionBias(cfg.relative_attention_num_buckets,
-                                       cfg.relative_attention_max_distance, cfg.num_heads,
-                                       bidirectional=True, dtype=jnp.float32,
-                                       name='relpos_bias')(tokens.shape[1], tokens.shape[1])
+    bias = AttentionBias(valid, valid, segment_ids, segment_ids,
+                         relpos_table=RelativePositionBias(
+                             cfg.relative_attention_num_buckets, cfg.num_heads,
+                             name='relpos_bias')(),
+                         relpos_buckets=_buckets(cfg, tokens.shape[1], bidirectional=True))
     x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
         self.shared_embedding(tokens), deterministic=deterministic)
     x = _constrain(x)
@@ -393,20 +489,23 @@ class Decoder(nn.Module):
     cfg = self.config
     dtype = cfg.activation_dtype
     enc_valid = encoder_tokens > 0
+    relpos_table = RelativePositionBias(cfg.relative_attention_num_buckets, cfg.num_heads,
+                                        name='relpos_bias')()
     if decode:
+      # Self-attention spans the whole cache; the cache index picks the query row.
       length = max_decode_length or decoder_input_tokens.shape[1]
       dec_valid = jnp.ones(decoder_input_tokens.shape, bool)
-      self_bias = 0.0
+      cache_valid = jnp.ones((decoder_input_tokens.shape[0], length), bool)
+      self_bias = AttentionBias(cache_valid, cache_valid, causal=True, relpos_table=relpos_table,
+                                relpos_buckets=_buckets(cfg, length, bidirectional=False))
     else:
-      length = decoder_input_tokens.shape[1]
       dec_valid = (decoder_target_tokens if decoder_target_tokens is not None
                    else jnp.ones_like(decoder_input_tokens)) > 0
-      self_bias = attention_bias(dec_valid, dec_valid, decoder_segment_ids, decoder_segment_ids,
-                                 causal=True)
-    self_bias = self_bias + RelativePositionBias(
-        cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads,
-        bidirectional=False, dtype=jnp.float32, name='relpos_bias')(length, length)
-    cross_bias = attention_bias(dec_valid, enc_valid, decoder_segment_ids, encoder_segment_ids)
+      self_bias = AttentionBias(
+          dec_valid, dec_valid, decoder_segment_ids, decoder_segment_ids, causal=True,
+          relpos_table=relpos_table,
+          relpos_buckets=_buckets(cfg, decoder_input_tokens.shape[1], bidirectional=False))
+    cross_bias = AttentionBias(dec_valid, enc_valid, decoder_segment_ids, encoder_segment_ids)
 
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
         self.shared_embedding(decoder_input_tokens), deterministic=deterministic)

@@ -171,10 +171,12 @@ def activation_bytes_estimate(config: Any, input_shapes: Mapping[str, tuple[int,
                               mesh_shape: Mapping[str, int]) -> float:
   """Rough bytes per device of the activations a train step keeps for backprop.
 
-  Per token and layer: ~10 (encoder) / 14 (decoder) embed-sized tensors, 3
-  mlp-sized, and attention probabilities; plus float32 logits (x3 for softmax
-  and its gradient). Model-parallel axes divide heads, mlp and vocab. With
-  remat only each layer's input is kept, plus one layer's worth at a time.
+  Per token and layer: ~10 (encoder) / 14 (decoder) embed-sized tensors and 3
+  mlp-sized; attention keeps none of its [b, h, q, k] tensors, but one block
+  of them (logits, probabilities, gradient) exists at a time; plus float32
+  logits (x3 for softmax and its gradient). Model-parallel axes divide heads,
+  mlp and vocab. With remat only each layer's input is kept, plus one layer's
+  worth at a time.
   """
   batch, enc = input_shapes['encoder_input_tokens']
   dec = input_shapes['decoder_input_tokens'][1]
@@ -182,15 +184,17 @@ def activation_bytes_estimate(config: Any, input_shapes: Mapping[str, tuple[int,
   m = mesh_shape.get('model', 1)
   size = 2 if config.dtype == 'bfloat16' else 4
   heads, mlp = config.num_heads / m, config.mlp_dim / m
-  per_enc = b * enc * (10 * config.emb_dim + 3 * mlp + 2 * heads * enc)
-  per_dec = b * dec * (14 * config.emb_dim + 3 * mlp + 2 * heads * (dec + enc))
+  per_enc = b * enc * (10 * config.emb_dim + 3 * mlp)
+  per_dec = b * dec * (14 * config.emb_dim + 3 * mlp)
+  longest = max(enc, dec)
+  attention_block = 3 * b * heads * min(config.attention_block_size, longest) * longest
   if config.remat:
     elements = (b * config.emb_dim * (config.num_encoder_layers * enc
                                       + config.num_decoder_layers * dec) + max(per_enc, per_dec))
   else:
     elements = config.num_encoder_layers * per_enc + config.num_decoder_layers * per_dec
-  logits = 3 * b * dec * config.vocab_size / m * 4
-  return elements * size + logits
+  logits = 3 * b * dec * config.vocab_size / m
+  return elements * size + (attention_block + logits) * 4
 
 
 def memory_plan(trainer: 'Trainer', input_shapes: Mapping[str, tuple[int, ...]],

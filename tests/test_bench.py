@@ -30,7 +30,7 @@ def test_both_sides_train_the_same_objective(data_root, monkeypatch):
   rationale = reference_torch.half([r['explain'] for r in rows], [r['rationale'] for r in rows])
   for step in range(3):
     ours_loss = ours.step()[-1]
-    reference_loss = reference.step(label, rationale)
+    reference_loss = reference.step([(label, rationale)])
     assert ours_loss == pytest.approx(reference_loss, rel=2e-4), step
   # After three AdamW updates (lr 5e-5 each) the weights still agree.
   ids = harness.encode('a</s>b', 8)

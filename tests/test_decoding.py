@@ -6,7 +6,7 @@ import numpy as np
 import seqio
 from flax import linen as nn
 
-from dsbs_jax import models, network
+from dsbs_jax import evaluation, models, network
 
 CONFIG = network.T5Config(vocab_size=50, emb_dim=32, num_heads=2, num_encoder_layers=2,
                           num_decoder_layers=2, head_dim=16, mlp_dim=64, dropout_rate=0.0,
@@ -45,3 +45,23 @@ def test_cached_greedy_matches_full_recompute():
   expected = _naive_greedy(model.module, params, enc, length, eos=1)
   np.testing.assert_array_equal(cached, expected)
   assert cached.shape == (4, length)
+
+
+def test_trimmed_inputs_decode_the_same():
+  """Dropping all-padding encoder columns (to a multiple of 8) changes no prediction."""
+  vocab = seqio.PassThroughVocabulary(size=50, eos_id=1)
+  model = models.StepByStepModel(network.Transformer(CONFIG), vocab, vocab)
+  params = nn.meta.unbox(model.get_initial_variables(jax.random.PRNGKey(4), {
+      'encoder_input_tokens': (1, 8), 'decoder_input_tokens': (1, 8)}))['params']
+  enc = np.zeros((3, 40), np.int32)
+  enc[:, :11] = np.random.RandomState(1).randint(2, 50, size=(3, 11))
+  enc[2, 5:] = 0
+  batch = {'encoder_input_tokens': enc, 'decoder_input_tokens': np.zeros((3, 6), np.int32)}
+  trimmed = evaluation.trim_inputs(batch, multiple=8)
+  assert trimmed['encoder_input_tokens'].shape == (3, 16)
+  assert trimmed['decoder_input_tokens'].shape == (3, 6)
+  predict = jax.jit(model.predict_batch)
+  np.testing.assert_array_equal(predict(params, trimmed), predict(params, batch))
+  assert evaluation.trim_inputs(batch, multiple=64)['encoder_input_tokens'].shape == (3, 40)
+  empty = dict(batch, encoder_input_tokens=np.zeros_like(enc))
+  assert evaluation.trim_inputs(empty, multiple=8)['encoder_input_tokens'].shape == (3, 8)

@@ -1,5 +1,6 @@
 """HF T5 <-> dsbs: logits parity (padded and packed) and exact round trips."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -42,9 +43,12 @@ def test_padded_logits_match_transformers(tmp_path, rng, proj, tie):
 
 
 @pytest.mark.parametrize('proj,tie', VARIANTS)
-def test_packed_logits_match_transformers_per_example(tmp_path, rng, proj, tie):
+@pytest.mark.parametrize('block', [256, 5])
+def test_packed_logits_match_transformers_per_example(tmp_path, rng, proj, tie, block):
+  """block 5 splits the 48/28-long rows into padded blocks of query rows."""
   hf_model, path = hf_t5(tmp_path, proj, tie)
   config, params = hf_checkpoint.load_hf_checkpoint(path)
+  config = dataclasses.replace(config, attention_block_size=block)
   examples = [(rng.randint(2, 300, size=n_in), rng.randint(2, 300, size=n_t))
               for n_in, n_t in ((12, 7), (20, 11), (5, 3))]
   enc_len, dec_len = 48, 28
