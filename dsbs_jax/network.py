@@ -46,6 +46,8 @@ class T5Config:
 
   `mlp_activations=('gelu', 'linear')` with `logits_via_embedding=False` is
   T5 v1.1 (gated-GELU, untied head); `('relu',)` with `True` is T5 v1.0.
+  `attention_block_size` query rows are attended at a time (memory against
+  per-block overhead); `remat` recomputes whole layers in the backward pass.
   """
 
   vocab_size: int
