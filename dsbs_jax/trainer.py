@@ -92,10 +92,10 @@ class Trainer:
 
   def abstract_state(self, input_shapes: Mapping[str, tuple[int, ...]]) -> TrainState:
     """The state's shapes, dtypes and shardings, without allocating it."""
-    shapes = jax.eval_shape(lambda: self._init_state(input_shapes))
+    specs, shapes = self.state_logical_specs(input_shapes)
     return jax.tree_util.tree_map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        shapes, self.state_shardings(input_shapes))
+        shapes, self.partitioner.shardings(specs))
 
   def create_state(self, input_shapes: Mapping[str, tuple[int, ...]]) -> TrainState:
     """A freshly initialised state, created directly in its sharded layout."""
