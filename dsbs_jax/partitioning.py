@@ -13,6 +13,8 @@ from typing import Any, Iterator, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from flax import traverse_util
+from flax.linen import partitioning as flax_partitioning
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dsbs_jax.errors import ConfigError
@@ -53,6 +55,23 @@ def preset_rules(name: str = 'data_model') -> LogicalRules:
     return tuple(('embed', 'data') if axis == 'embed' else (axis, mesh)
                  for axis, mesh in STANDARD_RULES)
   raise ConfigError(f'unknown partitioning preset {name!r}; choose from {PRESETS}')
+
+
+def params_axes(boxed_params: Any) -> dict[str, Any]:
+  """T5X's `params_axes` collection for logically partitioned (boxed) params.
+
+  T5X's train state reads each parameter's logical axes from a parallel tree
+  whose leaf `<name>_axes` holds an `AxisMetadata`, the form the older
+  `param_with_axes` API emitted; our network boxes its params instead
+  (`nn.with_logical_partitioning`), so the T5X bridge derives that tree.
+  """
+  axes = {}
+  for path, leaf in traverse_util.flatten_dict(boxed_params).items():
+    if not isinstance(leaf, nn.LogicallyPartitioned):
+      raise ConfigError(f'parameter {"/".join(path)} has no logical axis names; T5X needs '
+                        'every parameter declared with nn.with_logical_partitioning')
+    axes[path[:-1] + (f'{path[-1]}_axes',)] = flax_partitioning.AxisMetadata(names=leaf.names)
+  return traverse_util.unflatten_dict(axes)
 
 
 class Partitioner:
