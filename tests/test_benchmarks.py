@@ -236,3 +236,5 @@ def test_mixtures_are_evaluated_on_their_label_task():
   assert tasks.evaluation_tasks('cqa_gt_step_by_step', rationales=True) == [
       'cqa_gt_label', 'cqa_rationale']
   assert tasks.evaluation_tasks('cqa_llm_standard') == ['cqa_llm_standard']
+  assert tasks.deployed_task('cqa_gt_step_by_step') == 'cqa_gt_label'
+  assert tasks.deployed_task('cqa_llm_standard') == 'cqa_llm_standard'

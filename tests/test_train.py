@@ -198,3 +198,24 @@ def test_memory_plan_for_a_mesh_without_its_devices(capsys):
   total = next(l for l in out.splitlines() if l.startswith('per device:'))
   # 11B float32 parameters over 256 devices: ~0.16 GiB each; Adam moments twice that.
   assert 'params 0.16 GiB' in total and 'optimizer state 0.32 GiB' in total
+
+
+class _Syntax(gin.config_parser.ParserDelegate):
+  def configurable_reference(self, scoped_configurable_name, evaluate):
+    return scoped_configurable_name
+
+  def macro(self, macro_name):
+    return macro_name
+
+
+def test_every_gin_file_parses_and_its_includes_exist():
+  """Syntax and includes of every file, t5x_bridge.gin too (which only t5x can load)."""
+  root = os.path.join(os.path.dirname(train.__file__), '..', 'gin')
+  files = glob.glob(os.path.join(root, '**', '*.gin'), recursive=True)
+  assert len(files) > 20
+  for path in files:
+    with open(path) as f:
+      statements = list(gin.config_parser.ConfigParser(f, _Syntax()))
+    for s in statements:
+      if isinstance(s, gin.config_parser.IncludeStatement) and not s.filename.startswith('t5x/'):
+        assert os.path.isfile(os.path.join(root, s.filename)), (path, s.filename)

@@ -137,6 +137,12 @@ def evaluation_tasks(mixture_or_task_name: str, rationales: bool = False) -> lis
   return [mixture_or_task_name]
 
 
+def deployed_task(mixture_or_task_name: str) -> str:
+  """The task deployment runs for a training task or mixture: its label task
+  (gin/t5x_bridge.gin makes it T5X's inference-evaluation task)."""
+  return evaluation_tasks(mixture_or_task_name)[0]
+
+
 def describe_families() -> str:
   """One line per registered dataset: its tasks and mixtures, for `--list_tasks`."""
   return '\n'.join(f'{name}: {" ".join(family.names)}'
