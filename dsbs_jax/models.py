@@ -94,23 +94,36 @@ class StepByStepModel:
     weights = batch.get('decoder_loss_weights', batch['decoder_target_tokens'] > 0)
     return -jnp.sum(token_loss * weights, axis=-1)
 
+  def init_cache(self, params: Params, encoded: Array, encoder_input_tokens: Array,
+                 length: int) -> Any:
+    """The decoding cache for `length` steps, given the encoder output [b, l_in, e].
+
+    Cross-attention projects `encoded` into the cache here, once, so the cache
+    must be built from the real encoding (the T5X bridge relies on this too).
+    """
+    tokens = jnp.zeros((encoder_input_tokens.shape[0], length), jnp.int32)
+    _, variables = self.module.apply(
+        {'params': params}, encoded, encoder_input_tokens, tokens, enable_dropout=False,
+        decode=True, max_decode_length=length, method=network.Transformer.decode,
+        mutable=['cache'])
+    return variables['cache']
+
   def predict_batch(self, params: Params, batch: Batch, rng: Optional[Array] = None,
                     max_decode_length: Optional[int] = None) -> Array:
     """[b, l] greedy tokens; l defaults to the batch's decoder length."""
     del rng
     enc_tokens = batch['encoder_input_tokens']
     length = max_decode_length or batch['decoder_input_tokens'].shape[1]
-    variables = {'params': params}
-    encoded = self.module.apply(variables, enc_tokens, enable_dropout=False,
+    encoded = self.module.apply({'params': params}, enc_tokens, enable_dropout=False,
                                 method=network.Transformer.encode)
 
     def run_decoder(tokens, cache):
-      state = dict(variables, cache=cache) if cache is not None else variables
       logits, new_vars = self.module.apply(
-          state, encoded, enc_tokens, tokens, enable_dropout=False, decode=True,
-          max_decode_length=length, method=network.Transformer.decode, mutable=['cache'])
+          {'params': params, 'cache': cache}, encoded, enc_tokens, tokens, enable_dropout=False,
+          decode=True, max_decode_length=length, method=network.Transformer.decode,
+          mutable=['cache'])
       return logits[:, -1], new_vars['cache']
 
-    _, cache = run_decoder(jnp.zeros((enc_tokens.shape[0], length), jnp.int32), None)
-    return decoding.greedy_decode(run_decoder, cache, enc_tokens.shape[0], length,
+    return decoding.greedy_decode(run_decoder, self.init_cache(params, encoded, enc_tokens, length),
+                                  enc_tokens.shape[0], length,
                                   eos_id=self.output_vocabulary.eos_id)

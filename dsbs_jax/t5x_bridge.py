@@ -17,7 +17,6 @@ from typing import Any, Mapping, Optional
 import flax
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from clu import metrics as clu_metrics
 from t5x import decoding as t5x_decoding
 from t5x import metrics as metrics_lib
@@ -85,17 +84,13 @@ class StepByStepT5XModel(t5x_models.EncoderDecoderModel):
                         encoder_input_tokens: jax.Array, decoder_input_tokens: jax.Array,
                         prefill_decoder_prompt: bool = False, flax_mutables: Optional[Any] = None
                         ) -> tuple[Any, None]:
-    """The decoding cache, built from the real encoder output.
+    """The decoding cache, built from the real encoder output (`init_cache`).
 
     T5X builds it from dummy inputs, which suits layers that project the
     encoder output at every step; our cross-attention projects it once, into
-    the cache, so the cache must see the real encoding. Prompts are not
-    prefilled (`module.decode` takes no `prefill`), as T5X does for such modules.
+    the cache. Prompts are not prefilled (`module.decode` takes no `prefill`),
+    as T5X does for such modules.
     """
     del prefill_decoder_prompt, flax_mutables
-    _, variables = self.module.apply(
-        {'params': params}, encoded_inputs, encoder_input_tokens,
-        jnp.zeros_like(decoder_input_tokens), enable_dropout=False, decode=True,
-        max_decode_length=decoder_input_tokens.shape[1], mutable=['cache'],
-        method=self.module.decode)
-    return variables['cache'], None
+    return self.student.init_cache(params, encoded_inputs, encoder_input_tokens,
+                                   decoder_input_tokens.shape[1]), None
