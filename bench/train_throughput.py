@@ -46,6 +46,9 @@ def parse_args(argv=None):
   p.add_argument('--steps', type=int, default=5)
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  p.add_argument('--remat', action='store_true',
+                 help='our layers recompute their activations in the backward pass '
+                      "(T5Config.remat); the authors' trainer does not checkpoint")
   p.add_argument('--memory_side', choices=['ours', 'reference'], help=argparse.SUPPRESS)
   return p.parse_args(argv)
 
@@ -113,7 +116,7 @@ class Reference:
 
 def build(args):
   config = harness.CONFIGS[args.config]
-  config = dataclasses.replace(config, dtype=args.dtype)
+  config = dataclasses.replace(config, dtype=args.dtype, remat=args.remat)
   lengths = {'inputs': args.inputs, 'targets': args.targets}
   rows = harness.examples(args.datasets.split(','), 'train', lengths)
   rationale = args.variant == 'step_by_step'
@@ -193,7 +196,7 @@ def main(argv=None):
   print(json.dumps({
       'benchmark': 'train_throughput', 'config': args.config, 'variant': args.variant,
       'datasets': args.datasets, 'batch_examples': args.batch_size, 'our_packed_rows': packed_rows,
-      'grad_steps': args.grad_steps,
+      'grad_steps': args.grad_steps, 'remat': args.remat,
       'lengths': lengths, 'dtype': args.dtype, 'steps': args.steps,
       'machine': {'cpu': platform.processor() or platform.machine(), 'cores': os.cpu_count(),
                   'jax_backend': jax.default_backend(),

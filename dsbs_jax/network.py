@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax
 import jax
@@ -47,7 +47,8 @@ class T5Config:
   `mlp_activations=('gelu', 'linear')` with `logits_via_embedding=False` is
   T5 v1.1 (gated-GELU, untied head); `('relu',)` with `True` is T5 v1.0.
   `attention_block_size` query rows are attended at a time (memory against
-  per-block overhead); `remat` recomputes whole layers in the backward pass.
+  per-block overhead); `remat` recomputes whole layers in the backward pass,
+  keeping only each layer's input (memory against about 16% more step time).
   """
 
   vocab_size: int
@@ -441,8 +442,36 @@ class DecoderLayer(nn.Module):
     return _constrain(x + drop(y))
 
 
-def _maybe_remat(cls: type[nn.Module], cfg: T5Config, static_argnums: tuple[int, ...]):
-  return nn.remat(cls, static_argnums=static_argnums) if cfg.remat else cls
+def _run_layers(parent: nn.Module, layer_cls: type[nn.Module], cfg: T5Config, num_layers: int,
+                remat: bool, deterministic: bool, x: Array, *args: Any) -> Array:
+  """`x` through `parent`'s `layers_0..n-1`, each called as `layer(x, *args)`; `parent`
+  calls this from its compact `__call__`.
+
+  With `remat` the layers run as a `lax.scan` over their stacked params whose
+  body is rematerialised, so the backward pass recomputes one layer at a time
+  and keeps only each layer's input. Per-layer `nn.remat` saves almost no
+  memory on XLA CPU, which drops the optimisation barriers before scheduling
+  and hoists every layer's recomputation (T5 1.1
+  small, 13 packed rows: 4.5 GB of temporaries, 4.1 with `nn.remat`, 0.9 with
+  the scan). The params stay one subtree per layer, as in T5X checkpoints; the
+  dropout masks come from one rng split per layer, so they differ from remat's
+  absence.
+  """
+  if not remat or parent.is_initializing():
+    for i in range(num_layers):
+      x = layer_cls(cfg, name=f'layers_{i}')(x, *args)
+    return x
+  params = [nn.meta.unbox(parent.variables['params'][f'layers_{i}']) for i in range(num_layers)]
+  stacked = jax.tree_util.tree_map(lambda *p: jnp.stack(p), *params)
+  keys = None if deterministic else jax.random.split(parent.make_rng('dropout'), num_layers)
+  layer = layer_cls(cfg, parent=None)
+
+  def body(y: Array, xs: tuple[Any, Optional[Array]]) -> tuple[Array, None]:
+    layer_params, key = xs
+    rngs = None if key is None else {'dropout': key}
+    return layer.apply({'params': layer_params}, y, *args, rngs=rngs), None
+
+  return jax.lax.scan(jax.checkpoint(body, prevent_cse=False), x, (stacked, keys))[0]
 
 
 def _buckets(cfg: T5Config, length: int, bidirectional: bool) -> Array:
@@ -471,9 +500,8 @@ class Encoder(nn.Module):
     x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
         self.shared_embedding(tokens), deterministic=deterministic)
     x = _constrain(x)
-    layer_cls = _maybe_remat(EncoderLayer, cfg, static_argnums=(3,))
-    for i in range(cfg.num_encoder_layers):
-      x = layer_cls(cfg, name=f'layers_{i}')(x, bias, deterministic)
+    x = _run_layers(self, EncoderLayer, cfg, cfg.num_encoder_layers, cfg.remat, deterministic,
+                    x, bias, deterministic)
     x = RMSNorm(cfg.layer_norm_epsilon, dtype, name='encoder_norm')(x)
     return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
 
@@ -512,9 +540,8 @@ class Decoder(nn.Module):
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
         self.shared_embedding(decoder_input_tokens), deterministic=deterministic)
     y = _constrain(y)
-    layer_cls = _maybe_remat(DecoderLayer, cfg, static_argnums=(5, 6))
-    for i in range(cfg.num_decoder_layers):
-      y = layer_cls(cfg, name=f'layers_{i}')(y, encoded, self_bias, cross_bias, deterministic, decode)
+    y = _run_layers(self, DecoderLayer, cfg, cfg.num_decoder_layers, cfg.remat and not decode,
+                    deterministic, y, encoded, self_bias, cross_bias, deterministic, decode)
     y = RMSNorm(cfg.layer_norm_epsilon, dtype, name='decoder_norm')(y)
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
     if cfg.logits_via_embedding:

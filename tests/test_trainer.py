@@ -73,14 +73,41 @@ def test_blocked_attention_and_remat_give_the_same_loss_and_gradients(changes):
     np.testing.assert_allclose(g_b, g, rtol=1e-4, atol=1e-6)
 
 
-def test_dropout_depends_on_step_rng_only():
-  t = _trainer()
+def test_remat_keeps_only_each_layers_input():
+  """XLA's own buffer plan for the gradient: with remat, the temporaries must
+  not grow by a whole layer's activations per layer (per-layer `nn.remat` did,
+  because XLA CPU hoists the recomputation)."""
+  shapes = {'encoder_input_tokens': (8, 256), 'decoder_input_tokens': (8, 128)}
+  batch = {'encoder_input_tokens': np.ones(shapes['encoder_input_tokens'], np.int32),
+           'decoder_input_tokens': np.ones(shapes['decoder_input_tokens'], np.int32),
+           'decoder_target_tokens': np.ones(shapes['decoder_input_tokens'], np.int32)}
+
+  def temp_bytes(layers, remat):
+    config = dataclasses.replace(CONFIG, num_encoder_layers=layers, num_decoder_layers=layers,
+                                 remat=remat, dropout_rate=0.0)
+    t = _trainer(config)
+    params = t.abstract_state(shapes).params
+    grad = jax.jit(jax.grad(lambda p, b: t.model.loss_fn(p, b, None)[0]))
+    return grad.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
+
+  plain = temp_bytes(6, False) - temp_bytes(2, False)
+  remat = temp_bytes(6, True) - temp_bytes(2, True)
+  assert remat < 0.25 * plain, (remat, plain)
+
+
+@pytest.mark.parametrize('remat', [False, True])
+def test_dropout_depends_on_step_rng_only(remat):
+  t = _trainer(dataclasses.replace(CONFIG, remat=remat, num_encoder_layers=2))
   a, b = t.create_state(SHAPES), t.create_state(SHAPES)
   step = t.compile_train_step(SHAPES)
   batch = t.partitioner.shard_batch(_batch())
   _, ma = step(a, batch)
   _, mb = step(b, batch)
   assert float(ma['loss']) == float(mb['loss'])
+  params, rng = t.create_state(SHAPES).params, jax.random.PRNGKey(1)
+  dropped = float(t.model.loss_fn(params, _batch(), rng)[0])
+  assert dropped != float(t.model.loss_fn(params, _batch(), None)[0])  # dropout is applied
+  assert dropped == float(t.model.loss_fn(params, _batch(), rng)[0])
 
 
 @pytest.mark.parametrize('name,kwargs,message', [
