@@ -451,11 +451,10 @@ def _run_layers(parent: nn.Module, layer_cls: type[nn.Module], cfg: T5Config, nu
   body is rematerialised, so the backward pass recomputes one layer at a time
   and keeps only each layer's input. Per-layer `nn.remat` saves almost no
   memory on XLA CPU, which drops the optimisation barriers before scheduling
-  and hoists every layer's recomputation (T5 1.1
-  small, 13 packed rows: 4.5 GB of temporaries, 4.1 with `nn.remat`, 0.9 with
-  the scan). The params stay one subtree per layer, as in T5X checkpoints; the
-  dropout masks come from one rng split per layer, so they differ from remat's
-  absence.
+  and hoists every layer's recomputation (T5 1.1 small, 13 packed rows: 4.5 GB
+  of temporaries, 4.1 with `nn.remat`, 0.9 with the scan). The params stay one
+  subtree per layer, as in T5X checkpoints; the dropout masks come from one rng
+  split per layer, so they differ from those without remat.
   """
   if not remat or parent.is_initializing():
     for i in range(num_layers):
