@@ -2,7 +2,7 @@
 
 Same weights, same test-split inputs, same batch and maximum new tokens;
 interleaved timing after warm-up; peak memory per side in a child process.
-Prints one JSON object.
+Prints one JSON object. `--prepared` as in train_throughput.py.
 
     python bench/decode_throughput.py --config=small
 """
@@ -10,6 +10,7 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench import harness, reference_torch  # noqa: E402
-from dsbs_jax import evaluation, models, network  # noqa: E402
+from dsbs_jax import decoding  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -33,34 +34,51 @@ def parse_args(argv=None):
   p.add_argument('--inputs', type=int, default=512)
   p.add_argument('--max_new_tokens', type=int, default=64, help="the reference's gen_max_len")
   p.add_argument('--batches', type=int, default=3)
+  p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  p.add_argument('--prepared', help='inputs file: read when it exists, else written '
+                                     '(built from DSBS_DATA_ROOT, which needs TensorFlow)')
   p.add_argument('--memory_side', choices=['ours', 'reference'], help=argparse.SUPPRESS)
   return p.parse_args(argv)
 
 
+def _inputs(args) -> dict:
+  """`--batches` batches of `predict:` inputs as token ids, and the vocabulary's shape."""
+  from bench import examples  # seqio + TensorFlow: only where the inputs are built
+  rows = examples.examples(args.datasets.split(','), 'test',
+                           {'inputs': args.inputs, 'targets': args.max_new_tokens})
+  if len(rows) < args.batches * args.batch_size:
+    raise ValueError(f'the test splits of {args.datasets} hold {len(rows)} examples, fewer than '
+                     f'--batches={args.batches} of --batch_size={args.batch_size}')
+  return {'batches': [[r['predict'] for r in rows[i:i + args.batch_size]]
+                      for i in range(0, args.batches * args.batch_size, args.batch_size)],
+          'vocab': examples.vocab_shape()}
+
+
 def build(args):
-  config = harness.CONFIGS[args.config]
-  rows = harness.examples(args.datasets.split(','), 'test',
-                          {'inputs': args.inputs, 'targets': args.max_new_tokens})
-  batches = [[r['predict'] for r in rows[i:i + args.batch_size]]
-             for i in range(0, args.batches * args.batch_size, args.batch_size)]
+  config = dataclasses.replace(harness.CONFIGS[args.config], dtype=args.dtype)
+  key = {'benchmark': 'decode_throughput', 'datasets': args.datasets, 'inputs': args.inputs,
+         'batch_size': args.batch_size, 'batches': args.batches,
+         'max_new_tokens': args.max_new_tokens}
+  inputs = harness.prepared(args.prepared, key, lambda: _inputs(args))
   torch_model, params = harness.same_weights(config)
-  vocab = harness.VOCAB
-  model = models.StepByStepModel(network.Transformer(config), vocab, vocab)
+  params = jax.device_put(params)  # once, as a server holds them
+  autocast = torch.bfloat16 if args.dtype == 'bfloat16' else None
+  model = harness.student(config, inputs['vocab'])
   predict = jax.jit(lambda p, b: model.predict_batch(p, b, max_decode_length=args.max_new_tokens))
 
-  def ours(inputs):
-    tokens = np.zeros((len(inputs), args.inputs), np.int32)
-    for i, r in enumerate(inputs):
+  def ours(rows):
+    tokens = np.zeros((len(rows), args.inputs), np.int32)
+    for i, r in enumerate(rows):
       tokens[i, :len(r)] = r
     batch = {'encoder_input_tokens': tokens,
-             'decoder_input_tokens': np.zeros((len(inputs), args.max_new_tokens), np.int32)}
-    return np.asarray(predict(params, evaluation.trim_inputs(
-        batch, evaluation.INPUT_LENGTH_MULTIPLE)))
+             'decoder_input_tokens': np.zeros((len(rows), args.max_new_tokens), np.int32)}
+    return np.asarray(predict(params, decoding.trim_inputs(
+        batch, decoding.INPUT_LENGTH_MULTIPLE)))
 
-  def reference(inputs):
-    return reference_torch.generate(torch_model, inputs, args.max_new_tokens)
+  def reference(rows):
+    return reference_torch.generate(torch_model, rows, args.max_new_tokens, autocast)
 
-  return {'ours': ours, 'reference': reference}, batches
+  return {'ours': ours, 'reference': reference}, inputs['batches']
 
 
 def timed(fn, inputs):
@@ -75,32 +93,36 @@ def main(argv=None):
   sides, batches = build(args)
   if args.memory_side:
     sides[args.memory_side](batches[0])  # compilation and first allocations
-    before = harness.reset_peak_rss()
+    before = harness.reset_peak_memory(args.memory_side)
     for b in batches:
       sides[args.memory_side](b)
-    print(json.dumps({'peak_rss_bytes': harness.peak_rss(), 'setup_rss_bytes': before}))
+    print(json.dumps({'peak_bytes': harness.peak_memory(args.memory_side),
+                      'setup_bytes': before}))
     return
   for name in sides:
-    timed(sides[name], batches[0])  # warm-up (and compilation)
+    harness.progress(f'warm-up {name}: {timed(sides[name], batches[0]):.3f}s')
   times = {name: [] for name in sides}
-  for b in batches:
+  for i, b in enumerate(batches):
     for name, fn in sides.items():
       times[name].append(timed(fn, b))
+    harness.progress(f'batch {i + 1}/{len(batches)}: ours {times["ours"][-1]:.3f}s, '
+                     f'reference {times["reference"][-1]:.3f}s')
   report = {}
   flags = sys.argv[1:] if argv is None else list(argv)
   for name in sides:
+    harness.progress(f'peak memory of {name} (a child process)')
     child = json.loads(harness.run_child(
         ['bench/decode_throughput.py', *flags, f'--memory_side={name}']).splitlines()[-1])
     median = float(np.median(times[name]))
     report[name] = {'median_batch_s': median, 'examples_per_s': args.batch_size / median,
-                    'peak_memory_bytes': child['peak_rss_bytes'],
-                    'step_memory_bytes': child['peak_rss_bytes'] - child['setup_rss_bytes']}
+                    'peak_memory_bytes': child['peak_bytes'],
+                    'step_memory_bytes': child['peak_bytes'] - child['setup_bytes']}
   report['ratio_ours_over_reference'] = {k: report['ours'][k] / report['reference'][k]
                                          for k in report['ours']}
   print(json.dumps({'benchmark': 'decode_throughput', 'config': args.config,
                     'datasets': args.datasets, 'batch_size': args.batch_size,
-                    'max_new_tokens': args.max_new_tokens, 'cores': os.cpu_count(), **report},
-                   indent=1))
+                    'max_new_tokens': args.max_new_tokens, 'dtype': args.dtype,
+                    'machine': harness.machine(), **report}, indent=1))
 
 
 if __name__ == '__main__':

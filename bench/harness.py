@@ -1,26 +1,33 @@
-"""What the benchmarks share: the same real examples for both sides, the same
-weights, model FLOPs, the machine's measured matmul peak, and peak memory."""
+"""What the benchmarks share: model configs, the same weights for both sides, model
+FLOPs, the machine's measured matmul peak, peak memory, and prepared inputs.
+
+No seqio or TensorFlow here (`bench/examples.py` holds what needs them): from a
+`prepared` inputs file the benches run on a host with JAX and torch alone, as a
+GPU box has.
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
+import platform
 import subprocess
 import sys
 import time
-from typing import Any, Iterator, Sequence
+import types
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import seqio
-import tensorflow as tf
+import torch
 
-from dsbs_jax import hf_checkpoint, losses, network
-from dsbs_jax.data import benchmarks, tasks
-from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
+from bench import reference_torch
+from dsbs_jax import hf_checkpoint, models, network
+
+# The benches run JAX and torch in one process: on a GPU JAX must not take 75% of
+# its memory up front, and its peak-memory count then shows what it really uses.
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB = seqio.ByteVocabulary()
 CONFIGS = {
     # T5 v1.1 small with the byte vocabulary both sides use.
     'small': network.T5Config(vocab_size=384, emb_dim=512, num_heads=6, num_encoder_layers=8,
@@ -29,63 +36,50 @@ CONFIGS = {
     # A config that runs in seconds on a CPU.
     'mini': network.T5Config(vocab_size=384, emb_dim=128, num_heads=4, num_encoder_layers=2,
                              num_decoder_layers=2, head_dim=32, mlp_dim=512, dropout_rate=0.0),
+    # T5 v1.1 base, for a GPU.
+    'base': network.T5Config(vocab_size=384, emb_dim=768, num_heads=12, num_encoder_layers=12,
+                             num_decoder_layers=12, head_dim=64, mlp_dim=2048,
+                             dropout_rate=0.0),
 }
 
 
-def data_root() -> str:
-  return os.environ.get(benchmarks.DATA_ROOT_ENV) or os.path.join(REPO, '..', 'shared', 'datasets')
+def on_gpu() -> bool:
+  return jax.default_backend() == 'gpu'
 
 
-def encode(text: str, limit: int) -> list[int]:
-  """Token ids as `tasks.tokenize` makes them (`</s>` -> EOS), truncated, with EOS."""
-  ids: list[int] = []
-  for i, part in enumerate(text.split(tasks.SEPARATOR)):
-    ids += ([VOCAB.eos_id] if i else []) + VOCAB.encode(part)
-  return ids[:limit - 1] + [VOCAB.eos_id]
+def student(config: network.T5Config, vocab: Mapping[str, int], **kwargs
+            ) -> models.StepByStepModel:
+  """Our model over `config`. `vocab` holds the two numbers the model reads of seqio's
+  ByteVocabulary (`examples.vocab_shape()`), so building it needs no seqio."""
+  shape = types.SimpleNamespace(**vocab)
+  return models.StepByStepModel(network.Transformer(config), shape, shape, **kwargs)
 
 
-def examples(datasets: Sequence[str], split: str, lengths: dict[str, int],
-             limit: int | None = None) -> list[dict[str, list[int]]]:
-  """Real rows as token ids: predict/explain inputs, label and rationale targets (with EOS),
-  truncated to `lengths`, interleaved across datasets; at most `limit` of them."""
-  per_dataset = []
-  for name in datasets:
-    rows = benchmarks.split_rows(name, split, root=data_root())[:limit]
-    per_dataset.append([{
-        'predict': encode(tasks.LABEL_PREFIX + r['input'], lengths['inputs']),
-        'explain': encode(tasks.RATIONALE_PREFIX + r['input'], lengths['inputs']),
-        'label': encode(r['label_llm'], lengths['targets']),
-        'rationale': encode(r['rationale'], lengths['targets'])} for r in rows])
-  return [ex for group in zip(*per_dataset) for ex in group][:limit]
-
-
-def packed_batches(rows: Sequence[dict[str, list[int]]], lengths: dict[str, int],
-                   batch_size: int, rationale: bool = True) -> Iterator[tuple[dict, int]]:
-  """Our input: the same examples' two tasks packed into fixed-shape rows.
-
-  Yields (batch, examples in it), counting an example once per task half, /2
-  for step-by-step, so examples/s compares with the reference's batch.
-  """
-  def gen():
-    for r in rows:
-      yield {'inputs': r['predict'], 'targets': r['label'], 'task_id': [losses.LABEL_TASK]}
-      if rationale:
-        yield {'inputs': r['explain'], 'targets': r['rationale'],
-               'task_id': [losses.RATIONALE_TASK]}
-  spec = {k: tf.TensorSpec([None], tf.int32) for k in ('inputs', 'targets', 'task_id')}
-  ds = tf.data.Dataset.from_generator(gen, output_signature=spec)
-  ds = StepByStepFeatureConverter(pack=True)(ds, {**lengths, 'task_id': 1})
-  for batch in ds.batch(batch_size, drop_remainder=True).as_numpy_iterator():
-    segments = sum(len(set(row[row > 0].tolist())) for row in batch['encoder_segment_ids'])
-    yield batch, segments / (2 if rationale else 1)
+def prepared(path: str | None, key: Mapping[str, Any], build: Callable[[], Any]) -> Any:
+  """`build()`'s result, read from `path` when that file exists, else built (and written
+  to `path` when one is given). `key`, the flags the result depends on, must match the
+  file's, so a file prepared for other flags is an error rather than wrong data."""
+  key = dict(key)
+  if path and os.path.exists(path):
+    with open(path, 'rb') as f:
+      saved = pickle.load(f)
+    if saved['key'] != key:
+      raise ValueError(f'{path} was prepared for {saved["key"]}, not {key}: pass another '
+                       '--prepared path or delete this one')
+    return saved['inputs']
+  inputs = build()
+  if path:
+    with open(path, 'wb') as f:
+      pickle.dump({'key': key, 'inputs': inputs}, f)
+  return inputs
 
 
 def same_weights(config: network.T5Config, seed: int = 0) -> tuple[Any, Any]:
   """(HF torch model, our params) holding identical weights."""
-  from bench import reference_torch
   model = reference_torch.build_model(hf_checkpoint.config_to_hf(config), seed)
   state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-  return model, hf_checkpoint.params_from_hf_state_dict(state, config)
+  return model.to(reference_torch.device()), hf_checkpoint.params_from_hf_state_dict(state,
+                                                                                      config)
 
 
 def forward_flops_per_token(config: network.T5Config, enc_len: int, dec_len: int
@@ -108,13 +102,24 @@ def train_flops(config: network.T5Config, enc_tokens: float, dec_tokens: float,
   return 3 * (enc * enc_tokens + dec * dec_tokens)
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-  """The machine's dense float32 matmul rate (best of `repeats`), measured now."""
-  a = jnp.ones((n, n), jnp.float32)
+def matmul_peak_flops(dtype: str = 'float32', repeats: int = 5) -> float:
+  """The default device's dense matmul rate in `dtype` (best of `repeats`), measured now
+  on random operands: 2048 x 2048 on a CPU, 8192 x 8192 to fill a GPU."""
+  n = 8192 if on_gpu() else 2048
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
   best = min(_time(lambda: f(a).block_until_ready()) for _ in range(repeats))
   return 2 * n**3 / best
+
+
+_START = time.perf_counter()
+
+
+def progress(message: str) -> None:
+  """A stderr line with the seconds since start-up: the JSON comes only at the end, and
+  compiling a step can take minutes (T5 1.1 base on a GPU)."""
+  print(f'[{time.perf_counter() - _START:7.1f}s] {message}', file=sys.stderr, flush=True)
 
 
 def _time(fn) -> float:
@@ -123,16 +128,42 @@ def _time(fn) -> float:
   return time.perf_counter() - start
 
 
-def reset_peak_rss() -> float:
-  """Restarts the kernel's peak-RSS count (Linux `clear_refs` 5); returns the current RSS."""
-  with open('/proc/self/clear_refs', 'w') as f:
-    f.write('5')
-  return _status_bytes('VmRSS')
+def reset_peak_memory(side: str) -> float:
+  """Starts counting `side`'s peak memory; returns what it holds now, in bytes.
+
+  On a CPU both sides are this process's RSS (Linux `clear_refs` 5 restarts its
+  peak). On a GPU, 'ours' is JAX's device allocator, whose peak cannot be
+  restarted: it counts from start-up, which in a memory child process is
+  set-up and one step. 'reference' is torch's CUDA allocator.
+  """
+  if not on_gpu():
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')
+    return _status_bytes('VmRSS')
+  if side == 'reference':
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return float(torch.cuda.memory_allocated())
+  return float(jax.local_devices()[0].memory_stats()['bytes_in_use'])
 
 
-def peak_rss() -> float:
-  """This process's peak resident memory since `reset_peak_rss`, in bytes."""
-  return _status_bytes('VmHWM')
+def peak_memory(side: str) -> float:
+  """`side`'s peak memory since `reset_peak_memory`, in bytes."""
+  if not on_gpu():
+    return _status_bytes('VmHWM')
+  if side == 'reference':
+    torch.cuda.synchronize()
+    return float(torch.cuda.max_memory_allocated())
+  return float(jax.local_devices()[0].memory_stats()['peak_bytes_in_use'])
+
+
+def machine(matmul_peak: float | None = None) -> dict[str, Any]:
+  """The JSON's description of where it ran."""
+  return {'cpu': platform.processor() or platform.machine(), 'cores': os.cpu_count(),
+          'jax_backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
+          'jax': jax.__version__, 'torch': torch.__version__,
+          'memory': 'device allocator peak' if on_gpu() else 'process RSS peak',
+          **({'matmul_peak_flops_per_s': matmul_peak} if matmul_peak else {})}
 
 
 def _status_bytes(field: str) -> float:
@@ -145,9 +176,6 @@ def _status_bytes(field: str) -> float:
 
 def run_child(argv: Sequence[str]) -> str:
   """stdout of `python argv` run from the repository root."""
+  path = os.pathsep.join(p for p in (os.environ.get('PYTHONPATH'), REPO) if p)
   return subprocess.run([sys.executable, *argv], check=True, cwd=REPO, capture_output=True,
-                        text=True, env=dict(os.environ, PYTHONPATH=REPO)).stdout
-
-
-def summary(times: Sequence[float]) -> float:
-  return float(np.median(times))
+                        text=True, env=dict(os.environ, PYTHONPATH=path)).stdout

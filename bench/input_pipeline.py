@@ -18,8 +18,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import seqio  # noqa: E402
 
-from bench import harness  # noqa: E402
-from dsbs_jax import losses, models, network, optimizers, partitioning, trainer  # noqa: E402
+from bench import examples, harness  # noqa: E402
+from dsbs_jax import losses, optimizers, partitioning, trainer  # noqa: E402
 from dsbs_jax.data import benchmarks  # noqa: E402
 from dsbs_jax.data.feature_converters import StepByStepFeatureConverter  # noqa: E402
 
@@ -38,7 +38,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
-  benchmarks.register(args.mixture.split('_')[0], root=harness.data_root())
+  benchmarks.register(args.mixture.split('_')[0], root=examples.data_root())
   lengths = {'inputs': args.inputs, 'targets': args.targets}
   ds = seqio.get_dataset(args.mixture, task_feature_lengths=lengths, dataset_split='train',
                          shuffle=True, num_epochs=None, seed=0,
@@ -54,9 +54,8 @@ def main(argv=None):
   pipeline_rate = args.batches / (time.perf_counter() - start)
 
   config = harness.CONFIGS[args.config]
-  vocab = harness.VOCAB
-  model = models.StepByStepModel(network.Transformer(config), vocab, vocab,
-                                 task_weights=losses.task_weights(lambda_=1.0))
+  model = harness.student(config, examples.vocab_shape(),
+                          task_weights=losses.task_weights(lambda_=1.0))
   t = trainer.Trainer(model, optimizers.create_optimizer('adamw', 5e-5),
                       partitioning.Partitioner(devices=jax.devices()[:1]))
   shapes = {k: first[k].shape for k in ('encoder_input_tokens', 'decoder_input_tokens')}

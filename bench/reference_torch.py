@@ -11,7 +11,9 @@ does per step of distilling step-by-step:
 - with `--grad_steps` > 1 (HF's gradient accumulation), the batch is split into
   that many parts, each part's loss / grad_steps is backpropagated, then one
   optimizer step;
-- decoding is `model.generate` (greedy) on `predict:` inputs.
+- decoding is `model.generate` (greedy) on `predict:` inputs;
+- `--bf16` is HF's mixed precision: float32 weights and optimizer, forward
+  passes under `torch.autocast(bfloat16)`.
 
 Standard finetuning is the same with the label half only. Token ids come from
 the caller, so both implementations see identical data.
@@ -19,6 +21,7 @@ the caller, so both implementations see identical data.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -36,6 +39,18 @@ def build_model(hf_config: dict, seed: int = 0) -> transformers.T5ForConditional
     model.config.tie_word_embeddings = False
     model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
   return model
+
+
+def device() -> torch.device:
+  """Where the reference runs: the GPU when there is one, as the authors train."""
+  return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def precision(model: torch.nn.Module, autocast_dtype: torch.dtype | None):
+  """HF Trainer's `--bf16`: autocast over float32 weights; a no-op without a dtype."""
+  if autocast_dtype is None:
+    return contextlib.nullcontext()
+  return torch.autocast(next(model.parameters()).device.type, dtype=autocast_dtype)
 
 
 def pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
@@ -67,30 +82,41 @@ class ReferenceTrainer:
   """AdamW steps of the reference objective."""
 
   def __init__(self, model: transformers.T5ForConditionalGeneration, learning_rate: float = 5e-5,
-               alpha: float = 0.5):
+               alpha: float = 0.5, autocast_dtype: torch.dtype | None = None):
     self.model = model.train()
     self.alpha = alpha
-    self.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    self.autocast_dtype = autocast_dtype
+    # HF's default optimizer since torch 2.8 ('adamw_torch_fused'); weight decay 0 as theirs.
+    self.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0,
+                                       fused=True)
 
   def step(self, parts: Sequence[tuple[dict[str, torch.Tensor],
                                        dict[str, torch.Tensor] | None]]) -> float:
-    """One optimizer step over (label half, rationale half) parts, accumulated as HF does."""
+    """One optimizer step over (label half, rationale half) parts, accumulated as HF does.
+    The halves are moved to the model's device here, as the Trainer does per step."""
     self.optimizer.zero_grad(set_to_none=True)
-    total = 0.0
+    where = next(self.model.parameters()).device
+    total = torch.zeros((), device=where)  # read once, after the step, as HF logs it
     for label_half, rationale_half in parts:
-      loss = step_by_step_loss(self.model, label_half, rationale_half, self.alpha) / len(parts)
+      label_half = {k: v.to(where) for k, v in label_half.items()}
+      if rationale_half is not None:
+        rationale_half = {k: v.to(where) for k, v in rationale_half.items()}
+      with precision(self.model, self.autocast_dtype):
+        loss = step_by_step_loss(self.model, label_half, rationale_half, self.alpha)
+      loss = loss / len(parts)
       loss.backward()
-      total += float(loss.detach())
+      total += loss.detach().float()
     self.optimizer.step()
-    return total
+    return float(total)
 
 
 @torch.no_grad()
 def generate(model: transformers.T5ForConditionalGeneration, inputs: Sequence[Sequence[int]],
-             max_new_tokens: int) -> list[list[int]]:
+             max_new_tokens: int, autocast_dtype: torch.dtype | None = None) -> list[list[int]]:
   """Greedy decoding with `model.generate`, as the reference evaluates."""
   model.eval()
-  input_ids = pad(inputs, 0)
-  out = model.generate(input_ids=input_ids, attention_mask=(input_ids != 0).long(),
-                       max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+  input_ids = pad(inputs, 0).to(next(model.parameters()).device)
+  with precision(model, autocast_dtype):
+    out = model.generate(input_ids=input_ids, attention_mask=(input_ids != 0).long(),
+                         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
   return out[:, 1:].tolist()

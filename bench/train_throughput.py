@@ -4,7 +4,8 @@ Both sides train the same model config from the same weights on the same real
 examples (SVAMP and CQA with their PaLM rationales), with the same batch of
 examples and vocabulary, timed in one process, interleaved A, B, A, B after
 warm-up. Peak memory is measured in a child process per side. Prints one JSON
-object.
+object. On a GPU both sides run there; `--prepared` lets a host without
+TensorFlow (a GPU box) run from inputs prepared where the data is.
 
     python bench/train_throughput.py --config=small --variant=step_by_step
 """
@@ -16,7 +17,6 @@ import dataclasses
 import itertools
 import json
 import os
-import platform
 import sys
 import time
 
@@ -27,7 +27,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench import harness, reference_torch  # noqa: E402
-from dsbs_jax import losses, models, network, optimizers, partitioning, trainer  # noqa: E402
+from dsbs_jax import losses, optimizers, partitioning, trainer  # noqa: E402
+
+BATCHES = 16  # our distinct packed batches, cycled
 
 
 def parse_args(argv=None):
@@ -49,6 +51,8 @@ def parse_args(argv=None):
   p.add_argument('--remat', action='store_true',
                  help='our layers recompute their activations in the backward pass '
                       "(T5Config.remat); the authors' trainer does not checkpoint")
+  p.add_argument('--prepared', help='inputs file: read when it exists, else written '
+                                     '(built from DSBS_DATA_ROOT, which needs TensorFlow)')
   p.add_argument('--memory_side', choices=['ours', 'reference'], help=argparse.SUPPRESS)
   return p.parse_args(argv)
 
@@ -56,17 +60,14 @@ def parse_args(argv=None):
 class Ours:
   """Our jitted, packed, single-pass step (AdamW 5e-5, alpha = 0.5 as the reference)."""
 
-  def __init__(self, config, params, rows, lengths, packed_rows, rationale, grad_steps=1):
-    vocab = harness.VOCAB
+  def __init__(self, config, params, vocab, batches, rationale, grad_steps=1):
     weights = losses.task_weights(alpha=0.5) if rationale else (1.0, 0.0)
-    model = models.StepByStepModel(network.Transformer(config), vocab, vocab,
-                                   task_weights=weights)
+    model = harness.student(config, vocab, task_weights=weights)
     self.trainer = trainer.Trainer(model, optimizers.create_optimizer('adamw', 5e-5),
                                    partitioning.Partitioner(devices=jax.devices()[:1]),
                                    num_microbatches=grad_steps)
-    self.batches = itertools.cycle(list(itertools.islice(
-        harness.packed_batches(rows, lengths, packed_rows, rationale), 16)))
-    first, _ = next(self.batches)
+    self.batches = itertools.cycle(batches)
+    first, _ = batches[0]
     shapes = {k: first[k].shape for k in ('encoder_input_tokens', 'decoder_input_tokens')}
     state = self.trainer.create_state(shapes)
     self.state = state.replace(params=jax.device_put(params, self.trainer.state_shardings(
@@ -88,8 +89,9 @@ class Ours:
 class Reference:
   """The reference step on the next `batch_size` examples, in `grad_steps` parts."""
 
-  def __init__(self, model, rows, batch_size, rationale, grad_steps=1):
-    self.trainer = reference_torch.ReferenceTrainer(model, alpha=0.5)
+  def __init__(self, model, rows, batch_size, rationale, grad_steps=1, autocast_dtype=None):
+    self.trainer = reference_torch.ReferenceTrainer(model, alpha=0.5,
+                                                    autocast_dtype=autocast_dtype)
     self.rows = itertools.cycle(rows)
     self.batch_size, self.rationale, self.grad_steps = batch_size, rationale, grad_steps
 
@@ -118,21 +120,38 @@ def build(args):
   config = harness.CONFIGS[args.config]
   config = dataclasses.replace(config, dtype=args.dtype, remat=args.remat)
   lengths = {'inputs': args.inputs, 'targets': args.targets}
-  rows = harness.examples(args.datasets.split(','), 'train', lengths)
   rationale = args.variant == 'step_by_step'
+  key = {'benchmark': 'train_throughput', 'datasets': args.datasets, 'lengths': lengths,
+         'variant': args.variant, 'batch_size': args.batch_size, 'rows': args.rows,
+         'grad_steps': args.grad_steps}
+  inputs = harness.prepared(args.prepared, key, lambda: _inputs(args, lengths, rationale))
   torch_model, params = harness.same_weights(config)
-  if args.dtype == 'bfloat16':
-    torch_model = torch_model.to(torch.bfloat16)
-  packed_rows = args.rows or _rows_for(rows, lengths, args.batch_size, rationale)
+  return config, lengths, inputs, rationale, torch_model, params
+
+
+def _inputs(args, lengths, rationale) -> dict:
+  """The examples (as token ids), our packed batches of them, and the vocabulary's shape."""
+  from bench import examples  # seqio + TensorFlow: only where the inputs are built
+  rows = examples.examples(args.datasets.split(','), 'train', lengths)
+  if args.rows:
+    packed_rows = args.rows
+  else:  # the rows that hold about batch_size examples on average
+    sample = list(itertools.islice(examples.packed_batches(rows, lengths, 8, rationale), 8))
+    per_row = sum(n for _, n in sample) / (8 * len(sample))
+    packed_rows = max(1, round(args.batch_size / per_row))
   packed_rows = -(-packed_rows // args.grad_steps) * args.grad_steps
-  return config, lengths, rows, rationale, torch_model, params, packed_rows
+  batches = list(itertools.islice(
+      examples.packed_batches(rows, lengths, packed_rows, rationale), BATCHES))
+  return {'rows': rows, 'batches': batches, 'packed_rows': packed_rows,
+          'vocab': examples.vocab_shape()}
 
 
-def _rows_for(rows, lengths, batch_size, rationale) -> int:
-  """Packed rows per step that hold about `batch_size` examples on average."""
-  sample = list(itertools.islice(harness.packed_batches(rows, lengths, 8, rationale), 8))
-  per_row = sum(n for _, n in sample) / (8 * len(sample))
-  return max(1, round(batch_size / per_row))
+def sides(args, config, inputs, rationale, torch_model, params):
+  autocast = torch.bfloat16 if args.dtype == 'bfloat16' else None
+  return {'ours': lambda: Ours(config, params, inputs['vocab'], inputs['batches'], rationale,
+                               args.grad_steps),
+          'reference': lambda: Reference(torch_model, inputs['rows'], args.batch_size, rationale,
+                                         args.grad_steps, autocast)}
 
 
 def measure(side, steps, warmup):
@@ -153,17 +172,16 @@ def rates(results, config, lengths, peak):
 
 
 def memory_child(args):
-  """Prints one side's peak RSS (bytes) during steady-state steps, and its RSS before them
-  (model, optimizer state, data and framework)."""
-  config, lengths, rows, rationale, torch_model, params, packed_rows = build(args)
-  side = (Ours(config, params, rows, lengths, packed_rows, rationale, args.grad_steps)
-          if args.memory_side == 'ours'
-          else Reference(torch_model, rows, args.batch_size, rationale, args.grad_steps))
+  """Prints one side's peak memory (bytes) during steady-state steps, and what it held before
+  them (model, optimizer state, data and framework; see `harness.reset_peak_memory`)."""
+  config, lengths, inputs, rationale, torch_model, params = build(args)
+  side = sides(args, config, inputs, rationale, torch_model, params)[args.memory_side]()
   del torch_model, params
   measure(side, 0, 1)  # compilation and first allocations
-  before = harness.reset_peak_rss()
+  before = harness.reset_peak_memory(args.memory_side)
   measure(side, 2, 0)
-  print(json.dumps({'peak_rss_bytes': harness.peak_rss(), 'setup_rss_bytes': before}))
+  print(json.dumps({'peak_bytes': harness.peak_memory(args.memory_side),
+                    'setup_bytes': before}))
 
 
 def main(argv=None):
@@ -171,36 +189,39 @@ def main(argv=None):
   torch.set_num_threads(os.cpu_count())
   if args.memory_side:
     return memory_child(args)
-  config, lengths, rows, rationale, torch_model, params, packed_rows = build(args)
-  ours = Ours(config, params, rows, lengths, packed_rows, rationale, args.grad_steps)
-  reference = Reference(torch_model, rows, args.batch_size, rationale, args.grad_steps)
-  peak = harness.matmul_peak_flops()
-  for _ in range(args.warmup):
-    ours.step()
-    reference.step()
+  config, lengths, inputs, rationale, torch_model, params = build(args)
+  make = sides(args, config, inputs, rationale, torch_model, params)
+  ours, reference = make['ours'](), make['reference']()
+  peak = harness.matmul_peak_flops(args.dtype)
+  harness.progress(f'{args.config}: both sides built; matmul peak {peak / 1e12:.1f} TFLOP/s')
   ours_results, reference_results = [], []
-  for _ in range(args.steps):
-    ours_results.append(ours.step())
-    reference_results.append(reference.step())
+  for i in range(args.warmup + args.steps):
+    mine, theirs = ours.step(), reference.step()
+    if i >= args.warmup:
+      ours_results.append(mine)
+      reference_results.append(theirs)
+    label = (f'step {i + 1 - args.warmup}/{args.steps}' if i >= args.warmup
+             else f'warm-up {i + 1}/{args.warmup}')
+    harness.progress(f'{label}: ours {mine[0]:.3f}s, reference {theirs[0]:.3f}s')
   report = {'ours': rates(ours_results, config, lengths, peak),
             'reference': rates(reference_results, config, lengths, peak)}
   flags = sys.argv[1:] if argv is None else list(argv)
   for side in ('ours', 'reference'):
+    harness.progress(f'peak memory of {side} (a child process)')
     child = json.loads(harness.run_child(
         ['bench/train_throughput.py', *flags, f'--memory_side={side}']).splitlines()[-1])
-    report[side]['peak_memory_bytes'] = child['peak_rss_bytes']
-    report[side]['step_memory_bytes'] = child['peak_rss_bytes'] - child['setup_rss_bytes']
+    report[side]['peak_memory_bytes'] = child['peak_bytes']
+    report[side]['step_memory_bytes'] = child['peak_bytes'] - child['setup_bytes']
   report['ratio_ours_over_reference'] = {
       k: report['ours'][k] / report['reference'][k] for k in report['ours']
       if report['reference'][k]}
   print(json.dumps({
       'benchmark': 'train_throughput', 'config': args.config, 'variant': args.variant,
-      'datasets': args.datasets, 'batch_examples': args.batch_size, 'our_packed_rows': packed_rows,
+      'datasets': args.datasets, 'batch_examples': args.batch_size,
+      'our_packed_rows': inputs['packed_rows'],
       'grad_steps': args.grad_steps, 'remat': args.remat,
       'lengths': lengths, 'dtype': args.dtype, 'steps': args.steps,
-      'machine': {'cpu': platform.processor() or platform.machine(), 'cores': os.cpu_count(),
-                  'jax_backend': jax.default_backend(),
-                  'matmul_peak_flops_per_s': peak},
+      'machine': harness.machine(peak),
       **report}, indent=1))
 
 

@@ -1,11 +1,14 @@
-"""Greedy decoding as a pure `lax.while_loop` over a key/value cache."""
+"""Greedy decoding as a pure `lax.while_loop` over a key/value cache, and the input
+trimming that keeps decoding's compiled shapes few."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 
 Array = jax.Array
 Cache = Any
@@ -36,3 +39,25 @@ def greedy_decode(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: in
           jnp.zeros((batch_size, max_length), jnp.int32), cache,
           jnp.zeros((batch_size,), bool))
   return jax.lax.while_loop(cond, body, init)[2]
+
+
+# Decoded inputs are trimmed to a multiple of this many tokens (`trim_inputs`).
+INPUT_LENGTH_MULTIPLE = 64
+
+
+def trim_inputs(batch: Mapping[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+  """The batch without the encoder columns past its longest input, rounded up to
+  a multiple of `multiple`.
+
+  Decoding cost grows with the encoder length (the encoder pass and every
+  step's cross-attention), so a batch should not pay for the longest input of
+  the whole split; rounding bounds the compiled shapes to
+  feature_length / multiple. All processes agree on the width (SPMD).
+  """
+  tokens = batch['encoder_input_tokens']
+  used = np.flatnonzero((tokens > 0).any(axis=0))
+  longest = int(used[-1]) + 1 if used.size else 1
+  width = min(tokens.shape[1], -(-longest // multiple) * multiple)
+  if jax.process_count() > 1:
+    width = int(np.max(multihost_utils.process_allgather(np.asarray(width))))
+  return {k: v[:, :width] if k.startswith('encoder_') else v for k, v in batch.items()}

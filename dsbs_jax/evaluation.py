@@ -16,6 +16,7 @@ import seqio
 from jax.experimental import multihost_utils
 
 from dsbs_jax import losses
+from dsbs_jax.decoding import INPUT_LENGTH_MULTIPLE, trim_inputs
 from dsbs_jax.models import StepByStepModel
 from dsbs_jax.partitioning import Partitioner
 
@@ -26,28 +27,6 @@ def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray
   Zero rows decode to ignored predictions and carry task id 0, so they add no loss.
   """
   return {k: np.pad(v, [(0, rows - len(v))] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
-
-
-# Decoded inputs are trimmed to a multiple of this many tokens (`trim_inputs`).
-INPUT_LENGTH_MULTIPLE = 64
-
-
-def trim_inputs(batch: Mapping[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
-  """The batch without the encoder columns past its longest input, rounded up to
-  a multiple of `multiple`.
-
-  Decoding cost grows with the encoder length (the encoder pass and every
-  step's cross-attention), so a batch should not pay for the longest input of
-  the whole split; rounding bounds the compiled shapes to
-  feature_length / multiple. All processes agree on the width (SPMD).
-  """
-  tokens = batch['encoder_input_tokens']
-  used = np.flatnonzero((tokens > 0).any(axis=0))
-  longest = int(used[-1]) + 1 if used.size else 1
-  width = min(tokens.shape[1], -(-longest // multiple) * multiple)
-  if jax.process_count() > 1:
-    width = int(np.max(multihost_utils.process_allgather(np.asarray(width))))
-  return {k: v[:, :width] if k.startswith('encoder_') else v for k, v in batch.items()}
 
 
 class Evaluator:

@@ -7,14 +7,15 @@ T5X bridge only has to subclass and forward.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import seqio
 
 from dsbs_jax import decoding, losses, network
-from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
+
+if TYPE_CHECKING:
+  import seqio
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -24,7 +25,16 @@ Params = Any
 class StepByStepModel:
   """A T5 student trained on L = sum_k w_k * mean CE of task k (label, rationale)."""
 
-  FEATURE_CONVERTER_CLS = StepByStepFeatureConverter
+  @property
+  def FEATURE_CONVERTER_CLS(self) -> type[seqio.FeatureConverter]:  # noqa: N802 (T5X's name)
+    """The converter T5X and our trainer build batches with.
+
+    Imported on use: the model and trainer then import without TensorFlow, so a
+    host that only runs steps or serves `predict:` (a GPU box with JAX alone)
+    needs no input-pipeline stack.
+    """
+    from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
+    return StepByStepFeatureConverter
 
   def __init__(self, module: network.Transformer, input_vocabulary: seqio.Vocabulary,
                output_vocabulary: seqio.Vocabulary,

@@ -1,7 +1,12 @@
 """The benchmarks compare like with like: from the same weights and examples, our fused
 packed step and the reference's two-pass step compute the same loss, step after step."""
 
-import itertools
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -9,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-from bench import harness, reference_torch  # noqa: E402
+from bench import decode_throughput, examples, harness, reference_torch, train_throughput  # noqa: E402,E501
 from bench.train_throughput import Ours  # noqa: E402
 
 LENGTHS = {'inputs': 384, 'targets': 384}
@@ -18,13 +23,12 @@ LENGTHS = {'inputs': 384, 'targets': 384}
 def test_both_sides_train_the_same_objective(data_root, monkeypatch):
   monkeypatch.setenv('DSBS_DATA_ROOT', data_root)
   config = harness.CONFIGS['mini']
-  rows = harness.examples(['svamp', 'cqa'], 'train', LENGTHS, limit=6)
+  rows = examples.examples(['svamp', 'cqa'], 'train', LENGTHS, limit=6)
   torch_model, params = harness.same_weights(config)
-  packed = list(harness.packed_batches(rows, LENGTHS, 1))
+  packed = list(examples.packed_batches(rows, LENGTHS, 1))
   assert sum(n for _, n in packed) == len(rows)  # every example, both tasks, once
   batch = {k: np.concatenate([b[k] for b, _ in packed]) for k in packed[0][0]}
-  ours = Ours(config, params, rows, LENGTHS, len(packed), rationale=True)
-  ours.batches = itertools.repeat((batch, len(rows)))
+  ours = Ours(config, params, examples.vocab_shape(), [(batch, len(rows))], rationale=True)
   reference = reference_torch.ReferenceTrainer(torch_model, alpha=0.5)
   label = reference_torch.half([r['predict'] for r in rows], [r['label'] for r in rows])
   rationale = reference_torch.half([r['explain'] for r in rows], [r['rationale'] for r in rows])
@@ -33,10 +37,66 @@ def test_both_sides_train_the_same_objective(data_root, monkeypatch):
     reference_loss = reference.step([(label, rationale)])
     assert ours_loss == pytest.approx(reference_loss, rel=2e-4), step
   # After three AdamW updates (lr 5e-5 each) the weights still agree.
-  ids = harness.encode('a</s>b', 8)
-  assert ids == harness.VOCAB.encode('a') + [1] + harness.VOCAB.encode('b') + [1]
+  ids = examples.encode('a</s>b', 8)
+  assert ids == examples.VOCAB.encode('a') + [1] + examples.VOCAB.encode('b') + [1]
   theirs = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
   from dsbs_jax import hf_checkpoint
   expected = hf_checkpoint.params_from_hf_state_dict(theirs, config)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1.5e-4),
                          jax.device_get(ours.state.params), expected)
+
+
+def test_bf16_on_both_sides_trains_the_same_objective(data_root, monkeypatch):
+  """`--dtype=bfloat16`: our bf16 activations over float32 params against HF's autocast."""
+  monkeypatch.setenv('DSBS_DATA_ROOT', data_root)
+  config = dataclasses.replace(harness.CONFIGS['mini'], dtype='bfloat16')
+  rows = examples.examples(['svamp', 'cqa'], 'train', LENGTHS, limit=4)
+  torch_model, params = harness.same_weights(config)
+  packed = list(examples.packed_batches(rows, LENGTHS, 1))
+  batch = {k: np.concatenate([b[k] for b, _ in packed]) for k in packed[0][0]}
+  ours = Ours(config, params, examples.vocab_shape(), [(batch, len(rows))], rationale=True)
+  reference = reference_torch.ReferenceTrainer(torch_model, alpha=0.5,
+                                               autocast_dtype=torch.bfloat16)
+  label = reference_torch.half([r['predict'] for r in rows], [r['label'] for r in rows])
+  rationale = reference_torch.half([r['explain'] for r in rows], [r['rationale'] for r in rows])
+  float32_loss = reference_torch.step_by_step_loss(torch_model, label, rationale).item()
+  ours_loss, reference_loss = ours.step()[-1], reference.step([(label, rationale)])
+  assert all(p.dtype == torch.float32 for p in torch_model.parameters())
+  assert ours_loss == pytest.approx(reference_loss, rel=1e-2)
+  assert ours_loss == pytest.approx(float32_loss, rel=1e-2)
+  assert ours_loss != float32_loss  # bf16 did run
+
+
+def _blocking(tmp_path) -> str:
+  """A PYTHONPATH entry under which `import tensorflow` and `import seqio` fail."""
+  blocker = tmp_path / 'no_tensorflow'
+  blocker.mkdir()
+  for name in ('tensorflow', 'seqio'):
+    (blocker / f'{name}.py').write_text(f"raise ImportError('{name} is blocked in this test')\n")
+  return str(blocker)
+
+
+@pytest.mark.parametrize('bench, flags', [
+    (train_throughput, ['--batch_size=4', '--steps=1', '--warmup=0', '--inputs=128',
+                        '--targets=128']),
+    (decode_throughput, ['--batch_size=4', '--batches=1', '--inputs=128',
+                         '--max_new_tokens=8']),
+])
+def test_a_prepared_file_runs_the_bench_without_tensorflow(data_root, monkeypatch, tmp_path,
+                                                           bench, flags):
+  """What a GPU host without TensorFlow does: it runs from inputs prepared elsewhere."""
+  monkeypatch.setenv('DSBS_DATA_ROOT', data_root)
+  prepared = tmp_path / 'inputs.pkl'
+  flags = ['--config=mini', f'--prepared={prepared}', *flags]
+  bench.build(bench.parse_args(flags))  # writes the file, with TensorFlow
+  monkeypatch.setenv('DSBS_DATA_ROOT', str(tmp_path / 'absent'))
+  monkeypatch.setenv('PYTHONPATH', _blocking(tmp_path))
+  script = os.path.relpath(bench.__file__, harness.REPO)
+  report = json.loads(harness.run_child([script, *flags]))
+  for side in ('ours', 'reference'):
+    assert report[side]['peak_memory_bytes'] > report[side]['step_memory_bytes'] > 0
+    assert report[side]['examples_per_s'] > 0
+  with pytest.raises(subprocess.CalledProcessError) as error:
+    subprocess.run([sys.executable, script, *flags, '--batch_size=8'], cwd=harness.REPO,
+                   check=True, capture_output=True, text=True)
+  assert f'{prepared} was prepared for' in error.value.stderr

@@ -6,7 +6,7 @@ import numpy as np
 import seqio
 from flax import linen as nn
 
-from dsbs_jax import evaluation, models, network
+from dsbs_jax import decoding, models, network
 
 CONFIG = network.T5Config(vocab_size=50, emb_dim=32, num_heads=2, num_encoder_layers=2,
                           num_decoder_layers=2, head_dim=16, mlp_dim=64, dropout_rate=0.0,
@@ -57,11 +57,11 @@ def test_trimmed_inputs_decode_the_same():
   enc[:, :11] = np.random.RandomState(1).randint(2, 50, size=(3, 11))
   enc[2, 5:] = 0
   batch = {'encoder_input_tokens': enc, 'decoder_input_tokens': np.zeros((3, 6), np.int32)}
-  trimmed = evaluation.trim_inputs(batch, multiple=8)
+  trimmed = decoding.trim_inputs(batch, multiple=8)
   assert trimmed['encoder_input_tokens'].shape == (3, 16)
   assert trimmed['decoder_input_tokens'].shape == (3, 6)
   predict = jax.jit(model.predict_batch)
   np.testing.assert_array_equal(predict(params, trimmed), predict(params, batch))
-  assert evaluation.trim_inputs(batch, multiple=64)['encoder_input_tokens'].shape == (3, 40)
+  assert decoding.trim_inputs(batch, multiple=64)['encoder_input_tokens'].shape == (3, 40)
   empty = dict(batch, encoder_input_tokens=np.zeros_like(enc))
-  assert evaluation.trim_inputs(empty, multiple=8)['encoder_input_tokens'].shape == (3, 8)
+  assert decoding.trim_inputs(empty, multiple=8)['encoder_input_tokens'].shape == (3, 8)
