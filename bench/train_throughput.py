@@ -147,6 +147,7 @@ def _inputs(args, lengths, rationale) -> dict:
 
 
 def sides(args, config, inputs, rationale, torch_model, params):
+  """Each side's constructor, so a memory child process builds only its own."""
   autocast = torch.bfloat16 if args.dtype == 'bfloat16' else None
   return {'ours': lambda: Ours(config, params, inputs['vocab'], inputs['batches'], rationale,
                                args.grad_steps),
