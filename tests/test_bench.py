@@ -94,7 +94,7 @@ def test_a_prepared_file_runs_the_bench_without_tensorflow(data_root, monkeypatc
   script = os.path.relpath(bench.__file__, harness.REPO)
   report = json.loads(harness.run_child([script, *flags]))
   for side in ('ours', 'reference'):
-    assert report[side]['peak_memory_bytes'] > report[side]['step_memory_bytes'] > 0
+    assert report[side]['peak_memory_bytes'] > report[side]['step_memory_bytes'] >= 0
     assert report[side]['examples_per_s'] > 0
   with pytest.raises(subprocess.CalledProcessError) as error:
     subprocess.run([sys.executable, script, *flags, '--batch_size=8'], cwd=harness.REPO,
