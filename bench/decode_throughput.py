@@ -35,9 +35,7 @@ def parse_args(argv=None):
   p.add_argument('--max_new_tokens', type=int, default=64, help="the reference's gen_max_len")
   p.add_argument('--batches', type=int, default=3)
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
-  p.add_argument('--prepared', help='inputs file: read when it exists, else written '
-                                     '(built from DSBS_DATA_ROOT, which needs TensorFlow)')
-  p.add_argument('--memory_side', choices=['ours', 'reference'], help=argparse.SUPPRESS)
+  harness.add_shared_flags(p)
   return p.parse_args(argv)
 
 
@@ -97,8 +95,7 @@ def main(argv=None):
     before = harness.reset_peak_memory(args.memory_side)
     for b in batches:
       sides[args.memory_side](b)
-    print(json.dumps({'peak_bytes': harness.peak_memory(args.memory_side),
-                      'setup_bytes': before}))
+    harness.print_child_memory(args.memory_side, before)
     return
   for name in sides:  # every batch once: each trimmed input width compiles before timing
     harness.progress(f'warm-up {name}: {sum(timed(sides[name], b) for b in batches):.3f}s')
@@ -112,12 +109,9 @@ def main(argv=None):
   flags = sys.argv[1:] if argv is None else list(argv)
   for name in sides:
     harness.progress(f'peak memory of {name} (a child process)')
-    child = json.loads(harness.run_child(
-        ['bench/decode_throughput.py', *flags, f'--memory_side={name}']).splitlines()[-1])
     median = float(np.median(times[name]))
     report[name] = {'median_batch_s': median, 'examples_per_s': args.batch_size / median,
-                    'peak_memory_bytes': child['peak_bytes'],
-                    'step_memory_bytes': child['peak_bytes'] - child['setup_bytes']}
+                    **harness.child_memory('bench/decode_throughput.py', flags, name)}
   report['ratio_ours_over_reference'] = {k: report['ours'][k] / report['reference'][k]
                                          for k in report['ours']}
   print(json.dumps({'benchmark': 'decode_throughput', 'config': args.config,

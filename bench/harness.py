@@ -8,6 +8,8 @@ GPU box has.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import pickle
 import platform
@@ -41,6 +43,14 @@ CONFIGS = {
                              num_decoder_layers=12, head_dim=64, mlp_dim=2048,
                              dropout_rate=0.0),
 }
+
+
+def add_shared_flags(parser: argparse.ArgumentParser) -> None:
+  """The flags the train and decode benches share: `--prepared` inputs, and the hidden
+  `--memory_side` their memory child processes run with (`child_memory`)."""
+  parser.add_argument('--prepared', help='inputs file: read when it exists, else written '
+                                          '(built from DSBS_DATA_ROOT, which needs TensorFlow)')
+  parser.add_argument('--memory_side', choices=['ours', 'reference'], help=argparse.SUPPRESS)
 
 
 def on_gpu() -> bool:
@@ -155,6 +165,20 @@ def peak_memory(side: str) -> float:
     torch.cuda.synchronize()
     return float(torch.cuda.max_memory_allocated())
   return float(jax.local_devices()[0].memory_stats()['peak_bytes_in_use'])
+
+
+def print_child_memory(side: str, setup_bytes: float) -> None:
+  """A memory child's report: `side`'s peak since `reset_peak_memory` returned
+  `setup_bytes`, as the last line of its stdout."""
+  print(json.dumps({'peak_bytes': peak_memory(side), 'setup_bytes': setup_bytes}))
+
+
+def child_memory(script: str, flags: Sequence[str], side: str) -> dict[str, float]:
+  """`side`'s peak memory and what the steps add to it, from `script` run with `flags`
+  as that side's memory child."""
+  child = json.loads(run_child([script, *flags, f'--memory_side={side}']).splitlines()[-1])
+  return {'peak_memory_bytes': child['peak_bytes'],
+          'step_memory_bytes': child['peak_bytes'] - child['setup_bytes']}
 
 
 def machine(matmul_peak: float | None = None) -> dict[str, Any]:

@@ -51,9 +51,7 @@ def parse_args(argv=None):
   p.add_argument('--remat', action='store_true',
                  help='our layers recompute their activations in the backward pass '
                       "(T5Config.remat); the authors' trainer does not checkpoint")
-  p.add_argument('--prepared', help='inputs file: read when it exists, else written '
-                                     '(built from DSBS_DATA_ROOT, which needs TensorFlow)')
-  p.add_argument('--memory_side', choices=['ours', 'reference'], help=argparse.SUPPRESS)
+  harness.add_shared_flags(p)
   return p.parse_args(argv)
 
 
@@ -181,8 +179,7 @@ def memory_child(args):
   measure(side, 0, 1)  # compilation and first allocations
   before = harness.reset_peak_memory(args.memory_side)
   measure(side, 2, 0)
-  print(json.dumps({'peak_bytes': harness.peak_memory(args.memory_side),
-                    'setup_bytes': before}))
+  harness.print_child_memory(args.memory_side, before)
 
 
 def main(argv=None):
@@ -209,10 +206,7 @@ def main(argv=None):
   flags = sys.argv[1:] if argv is None else list(argv)
   for side in ('ours', 'reference'):
     harness.progress(f'peak memory of {side} (a child process)')
-    child = json.loads(harness.run_child(
-        ['bench/train_throughput.py', *flags, f'--memory_side={side}']).splitlines()[-1])
-    report[side]['peak_memory_bytes'] = child['peak_bytes']
-    report[side]['step_memory_bytes'] = child['peak_bytes'] - child['setup_bytes']
+    report[side].update(harness.child_memory('bench/train_throughput.py', flags, side))
   report['ratio_ours_over_reference'] = {
       k: report['ours'][k] / report['reference'][k] for k in report['ours']
       if report['reference'][k]}
