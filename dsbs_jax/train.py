@@ -17,6 +17,7 @@ import logging  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Iterator, Mapping, Optional, Sequence  # noqa: E402
@@ -66,10 +67,9 @@ def _check_model_dir(model_dir: str) -> str:
   model_dir = os.path.abspath(os.path.expanduser(model_dir))
   try:
     os.makedirs(model_dir, exist_ok=True)
-    probe = os.path.join(model_dir, '.write_test')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
+    # A probe file of its own: every process of a multi-host run checks the same directory.
+    with tempfile.NamedTemporaryFile(dir=model_dir, prefix='.write_test'):
+      pass
   except OSError as e:
     raise ConfigError(f'MODEL_DIR {model_dir!r} cannot be written: {e.strerror or e}') from None
   return model_dir

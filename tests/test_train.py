@@ -1,6 +1,7 @@
 """End to end through the CLI: a short run learns, writes its outputs, resumes; bad input
 gets one clear message."""
 
+import concurrent.futures
 import glob
 import json
 import os
@@ -128,6 +129,16 @@ def test_unwritable_model_dir(tmp_path, capsys):
   blocker.write_text('x')
   assert _run(blocker / 'run', '--gin.TRAIN_STEPS=1') == 2
   assert f"MODEL_DIR '{blocker / 'run'}' cannot be written" in capsys.readouterr().err
+
+
+def test_processes_check_one_model_dir_at_the_same_time(tmp_path):
+  # Every process of a multi-host run probes the shared MODEL_DIR as it starts.
+  def probe_many(_):
+    for _ in range(200):
+      train._check_model_dir(str(tmp_path / 'run'))
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    list(pool.map(probe_many, range(4)))
+  assert os.listdir(tmp_path / 'run') == []
 
 
 @pytest.mark.parametrize('args,missing', [
