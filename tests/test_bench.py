@@ -1,7 +1,6 @@
 """The benchmarks compare like with like: from the same weights and examples, our fused
 packed step and the reference's two-pass step compute the same loss, step after step."""
 
-
 import dataclasses
 import json
 import os
@@ -20,18 +19,24 @@ from bench.train_throughput import Ours  # noqa: E402
 LENGTHS = {'inputs': 384, 'targets': 384}
 
 
+def _one_step_inputs(rows):
+  """`rows` as our one packed batch and as the reference's label and rationale halves."""
+  packed = list(examples.packed_batches(rows, LENGTHS, 1))
+  assert sum(n for _, n in packed) == len(rows)  # every example, both tasks, once
+  batch = {k: np.concatenate([b[k] for b, _ in packed]) for k in packed[0][0]}
+  label = reference_torch.half([r['predict'] for r in rows], [r['label'] for r in rows])
+  rationale = reference_torch.half([r['explain'] for r in rows], [r['rationale'] for r in rows])
+  return batch, label, rationale
+
+
 def test_both_sides_train_the_same_objective(data_root, monkeypatch):
   monkeypatch.setenv('DSBS_DATA_ROOT', data_root)
   config = harness.CONFIGS['mini']
   rows = examples.examples(['svamp', 'cqa'], 'train', LENGTHS, limit=6)
   torch_model, params = harness.same_weights(config)
-  packed = list(examples.packed_batches(rows, LENGTHS, 1))
-  assert sum(n for _, n in packed) == len(rows)  # every example, both tasks, once
-  batch = {k: np.concatenate([b[k] for b, _ in packed]) for k in packed[0][0]}
+  batch, label, rationale = _one_step_inputs(rows)
   ours = Ours(config, params, examples.vocab_shape(), [(batch, len(rows))], rationale=True)
   reference = reference_torch.ReferenceTrainer(torch_model, alpha=0.5)
-  label = reference_torch.half([r['predict'] for r in rows], [r['label'] for r in rows])
-  rationale = reference_torch.half([r['explain'] for r in rows], [r['rationale'] for r in rows])
   for step in range(3):
     ours_loss = ours.step()[-1]
     reference_loss = reference.step([(label, rationale)])
@@ -52,13 +57,10 @@ def test_bf16_on_both_sides_trains_the_same_objective(data_root, monkeypatch):
   config = dataclasses.replace(harness.CONFIGS['mini'], dtype='bfloat16')
   rows = examples.examples(['svamp', 'cqa'], 'train', LENGTHS, limit=4)
   torch_model, params = harness.same_weights(config)
-  packed = list(examples.packed_batches(rows, LENGTHS, 1))
-  batch = {k: np.concatenate([b[k] for b, _ in packed]) for k in packed[0][0]}
+  batch, label, rationale = _one_step_inputs(rows)
   ours = Ours(config, params, examples.vocab_shape(), [(batch, len(rows))], rationale=True)
   reference = reference_torch.ReferenceTrainer(torch_model, alpha=0.5,
                                                autocast_dtype=torch.bfloat16)
-  label = reference_torch.half([r['predict'] for r in rows], [r['label'] for r in rows])
-  rationale = reference_torch.half([r['explain'] for r in rows], [r['rationale'] for r in rows])
   float32_loss = reference_torch.step_by_step_loss(torch_model, label, rationale).item()
   ours_loss, reference_loss = ours.step()[-1], reference.step([(label, rationale)])
   assert all(p.dtype == torch.float32 for p in torch_model.parameters())
