@@ -9,7 +9,9 @@ GPU box has.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import math
 import os
 import pickle
 import platform
@@ -20,6 +22,8 @@ import types
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.extend
+import jax.numpy as jnp
 import torch
 
 from bench import reference_torch
@@ -121,6 +125,79 @@ def matmul_peak_flops(dtype: str = 'float32', repeats: int = 5) -> float:
   f(a).block_until_ready()
   best = min(_time(lambda: f(a).block_until_ready()) for _ in range(repeats))
   return 2 * n**3 / best
+
+
+# A dot product as (dtype, batch, m, k, n): [batch, m, k] @ [batch, k, n].
+Matmul = tuple[str, int, int, int, int]
+
+
+def matmuls(fn: Callable[..., Any], *args: Any) -> collections.Counter[Matmul]:
+  """The dot products `fn(*args)` computes, counted by shape, read from its jaxpr.
+
+  A scan's body counts `length` times; gradients and rematerialisation show up
+  as the dots they add. A while loop or cond is an error: how often its dots
+  run is not in the jaxpr.
+  """
+  return _jaxpr_matmuls(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def matmul_flops(found: collections.Counter[Matmul]) -> float:
+  return float(sum(2 * b * m * k * n * count for (_, b, m, k, n), count in found.items()))
+
+
+def _jaxpr_matmuls(jaxpr: jax.extend.core.Jaxpr) -> collections.Counter[Matmul]:
+  found: collections.Counter[Matmul] = collections.Counter()
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == 'dot_general':
+      lhs, rhs = (v.aval for v in eqn.invars)
+      (lhs_contract, _), (lhs_batch, _) = eqn.params['dimension_numbers']
+      batch = math.prod(lhs.shape[d] for d in lhs_batch)
+      k = math.prod(lhs.shape[d] for d in lhs_contract)
+      found[(str(lhs.dtype), batch, lhs.size // (batch * k), k, rhs.size // (batch * k))] += 1
+      continue
+    if name in ('while', 'cond'):
+      raise ValueError(f'matmuls: a {name} runs its dots a data-dependent number of times')
+    times = eqn.params['length'] if name == 'scan' else 1
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else [value]:
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          sub = sub.jaxpr
+        if isinstance(sub, jax.extend.core.Jaxpr):
+          for shape, count in _jaxpr_matmuls(sub).items():
+            found[shape] += times * count
+  return found
+
+
+def matmul_seconds(found: collections.Counter[Matmul], repeats: int = 3) -> float:
+  """How long the dot products in `found` take run alone, one after another, each on
+  operands in the layout it prefers (best of `repeats`).
+
+  For a train step's dots, each of which fills the device for milliseconds,
+  this is about the least time a step computing them can take, whatever else
+  it does. (Not so for decoding's microsecond dots, which a compiled step runs
+  several at a time on a CPU's cores.)
+  """
+  f = jax.jit(jnp.matmul)
+  total = 0.0
+  for (dtype, b, m, k, n), count in found.items():
+    lhs, rhs = jnp.ones((b, m, k), dtype), jnp.ones((b, k, n), dtype)
+    f(lhs, rhs).block_until_ready()
+    total += count * min(_time(lambda: f(lhs, rhs).block_until_ready()) for _ in range(repeats))
+  return total
+
+
+def matmuls_alone(seconds: float, report: Mapping[str, Mapping[str, float]]
+                  ) -> dict[str, float]:
+  """Our side of a train bench's `report` as it would be if its step's dot products,
+  taking `seconds`, were all it ran: the ceiling of what faster non-matmul code,
+  with the same padding, could bring against the reference."""
+  ours = report['ours']
+  speedup = ours['median_step_s'] / seconds
+  return {'median_step_s': seconds, 'examples_per_s': ours['examples_per_s'] * speedup,
+          'flop_utilisation': ours['flop_utilisation'] * speedup,
+          'examples_per_s_over_reference': (ours['examples_per_s'] * speedup
+                                            / report['reference']['examples_per_s'])}
 
 
 _START = time.perf_counter()

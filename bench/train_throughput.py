@@ -71,6 +71,13 @@ class Ours:
     self.state = state.replace(params=jax.device_put(params, self.trainer.state_shardings(
         shapes).params))
     self.step_fn = self.trainer.compile_train_step(shapes)
+    self.first = first
+
+  def matmuls(self):
+    """The dot products one step computes (`harness.matmuls`)."""
+    batch = self.trainer.partitioner.shard_batch(self.first)
+    with self.trainer.partitioner.activate():
+      return harness.matmuls(self.trainer.train_step, self.state, batch)
 
   def step(self):
     batch, n_examples = next(self.batches)
@@ -192,15 +199,18 @@ def main(argv=None):
   ours, reference = make['ours'](), make['reference']()
   peak = harness.matmul_peak_flops(args.dtype)
   harness.progress(f'{args.config}: both sides built; matmul peak {peak / 1e12:.1f} TFLOP/s')
-  ours_results, reference_results = [], []
+  dots = ours.matmuls()
+  ours_results, reference_results, dots_alone = [], [], []
   for i in range(args.warmup + args.steps):
     mine, theirs = ours.step(), reference.step()
-    if i >= args.warmup:
+    if i >= args.warmup:  # the dots alone too, under the same conditions as the steps
       ours_results.append(mine)
       reference_results.append(theirs)
+      dots_alone.append(harness.matmul_seconds(dots))
     label = (f'step {i + 1 - args.warmup}/{args.steps}' if i >= args.warmup
              else f'warm-up {i + 1}/{args.warmup}')
-    harness.progress(f'{label}: ours {mine[0]:.3f}s, reference {theirs[0]:.3f}s')
+    harness.progress(f'{label}: ours {mine[0]:.3f}s, reference {theirs[0]:.3f}s'
+                     + (f', our dots alone {dots_alone[-1]:.3f}s' if dots_alone else ''))
   report = {'ours': rates(ours_results, config, lengths, peak),
             'reference': rates(reference_results, config, lengths, peak)}
   flags = sys.argv[1:] if argv is None else list(argv)
@@ -210,6 +220,7 @@ def main(argv=None):
   report['ratio_ours_over_reference'] = {
       k: report['ours'][k] / report['reference'][k] for k in report['ours']
       if report['reference'][k]}
+  report['ours_matmuls_alone'] = harness.matmuls_alone(float(np.median(dots_alone)), report)
   print(json.dumps({
       'benchmark': 'train_throughput', 'config': args.config, 'variant': args.variant,
       'datasets': args.datasets, 'batch_examples': args.batch_size,

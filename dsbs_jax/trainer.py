@@ -135,7 +135,9 @@ class Trainer:
       metrics[f'{name}/tokens'] = counts[i]
     return grads, metrics
 
-  def _train_step(self, state: TrainState, batch: Mapping[str, Array]) -> tuple[TrainState, dict]:
+  def train_step(self, state: TrainState, batch: Mapping[str, Array]) -> tuple[TrainState, dict]:
+    """One optimizer step, unjitted (T5X's `train_step`): `compile_train_step` jits it;
+    tracing it inside `partitioner.activate()` shows what a step computes."""
     dropout_rng = jax.random.fold_in(state.rng, state.step)
     grads, metrics = self._grads(state.params, batch, dropout_rng)
     updates, opt_state = self.optimizer.tx.update(grads, state.opt_state, state.params)
@@ -149,7 +151,7 @@ class Trainer:
     """`(state, batch) -> (state, metrics)`, jitted with explicit shardings; the
     incoming state's buffers are donated."""
     state_sh = self.state_shardings(input_shapes)
-    step = jax.jit(self._train_step, in_shardings=(state_sh, self.partitioner.batch_sharding()),
+    step = jax.jit(self.train_step, in_shardings=(state_sh, self.partitioner.batch_sharding()),
                    out_shardings=(state_sh, self.partitioner.replicated()), donate_argnums=(0,))
 
     def run(state, batch):

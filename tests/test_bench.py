@@ -69,6 +69,44 @@ def test_bf16_on_both_sides_trains_the_same_objective(data_root, monkeypatch):
   assert ours_loss != float32_loss  # bf16 did run
 
 
+def test_matmuls_counts_each_dot_as_often_as_it_runs():
+  """A scan's dots count `length` times; a gradient adds a dot per differentiated operand
+  of each dot, and a rematerialised block its recomputation."""
+  jnp = jax.numpy
+
+  def f(x, w, q, k):
+    _, scores = jax.lax.scan(
+        jax.checkpoint(lambda c, qi: (c, jnp.tanh(jnp.einsum('bqd,bkd->bqk', qi, k)))), 0.0, q)
+    return jnp.sum(x @ w @ w.T) + jnp.sum(scores)
+
+  x, w = jnp.ones((4, 8)), jnp.ones((8, 16))
+  q, k = jnp.ones((5, 2, 3, 6)), jnp.ones((2, 7, 6))
+  xw, xw_wt, qk = ('float32', 1, 4, 8, 16), ('float32', 1, 4, 16, 8), ('float32', 2, 3, 6, 7)
+  assert harness.matmuls(f, x, w, q, k) == {xw: 1, xw_wt: 1, qk: 5}
+  # d/dq through the rematerialised scan: the forward dot, its recomputation for tanh's
+  # derivative, and dq = d_scores @ k; the x @ w path runs once, undifferentiated.
+  assert harness.matmuls(jax.grad(lambda q: f(x, w, q, k)), q) == {
+      xw: 1, xw_wt: 1, qk: 5 + 5, ('float32', 2, 3, 7, 6): 5}
+  with pytest.raises(ValueError, match='a while runs its dots a data-dependent number'):
+    harness.matmuls(lambda x: jax.lax.while_loop(lambda y: y.sum() < 9, lambda y: y @ w.T @ w,
+                                                 x @ w), x)
+
+
+def test_matmuls_of_our_forward_pass_are_the_model_flops():
+  """The FLOP model behind the benches' utilisation agrees with the dots the network runs
+  (equal encoder and decoder lengths, where the model charges cross-attention's key and
+  value projections per decoder token)."""
+  config = harness.CONFIGS['mini']
+  model = harness.student(config, {'vocab_size': 384, 'eos_id': 1})
+  params = model.get_initial_variables(jax.random.key(0), {'encoder_input_tokens': (2, 64),
+                                                          'decoder_input_tokens': (2, 64)})
+  tokens = np.ones((2, 64), np.int32)
+  found = harness.matmuls(lambda p: model.module.apply(p, tokens, tokens, tokens,
+                                                       enable_dropout=False), params)
+  enc, dec = harness.forward_flops_per_token(config, 64, 64)
+  assert harness.matmul_flops(found) == 2 * 64 * (enc + dec)
+
+
 def _blocking(tmp_path) -> str:
   """A PYTHONPATH entry under which `import tensorflow` and `import seqio` fail."""
   blocker = tmp_path / 'no_tensorflow'
@@ -98,6 +136,11 @@ def test_a_prepared_file_runs_the_bench_without_tensorflow(data_root, monkeypatc
   for side in ('ours', 'reference'):
     assert report[side]['peak_memory_bytes'] > report[side]['step_memory_bytes'] >= 0
     assert report[side]['examples_per_s'] > 0
+  if bench is train_throughput:
+    alone = report['ours_matmuls_alone']
+    assert alone['examples_per_s_over_reference'] == pytest.approx(
+        alone['examples_per_s'] / report['reference']['examples_per_s'])
+    assert np.isfinite(alone['examples_per_s']) and alone['examples_per_s'] > 0
   with pytest.raises(subprocess.CalledProcessError) as error:
     subprocess.run([sys.executable, script, *flags, '--batch_size=8'], cwd=harness.REPO,
                    check=True, capture_output=True, text=True)
