@@ -1,5 +1,6 @@
 """What the benchmarks share: model configs, the same weights for both sides, model
-FLOPs, the machine's measured matmul peak, peak memory, and prepared inputs.
+FLOPs, the machine's measured matmul peak, the dot products a step computes and
+their time alone, peak memory, and prepared inputs.
 
 No seqio or TensorFlow here (`bench/examples.py` holds what needs them): from a
 `prepared` inputs file the benches run on a host with JAX and torch alone, as a
