@@ -247,8 +247,15 @@ def peak_memory(side: str) -> float:
 
 def print_child_memory(side: str, setup_bytes: float) -> None:
   """A memory child's report: `side`'s peak since `reset_peak_memory` returned
-  `setup_bytes`, as the last line of its stdout."""
-  print(json.dumps({'peak_bytes': peak_memory(side), 'setup_bytes': setup_bytes}))
+  `setup_bytes`, as the last line of its stdout.
+
+  The peak is at least `setup_bytes`, since that was held when counting began.
+  Linux's RSS counters are per-CPU approximations, so when the steps add almost
+  nothing VmHWM can read a few pages below the VmRSS taken at the reset; such a
+  step adds 0 bytes, not a negative amount.
+  """
+  peak = max(peak_memory(side), setup_bytes)
+  print(json.dumps({'peak_bytes': peak, 'setup_bytes': setup_bytes}))
 
 
 def child_memory(script: str, flags: Sequence[str], side: str) -> dict[str, float]:

@@ -107,6 +107,21 @@ def test_matmuls_of_our_forward_pass_are_the_model_flops():
   assert harness.matmul_flops(found) == 2 * 64 * (enc + dec)
 
 
+def test_a_memory_child_reports_growth_since_its_reset_and_never_less_than_none(capsys):
+  """Memory grown after the reset is counted; a reset taken above the kernel's later
+  high-water reading (its RSS counters are approximate) yields 0 growth, not less."""
+  if harness.on_gpu():
+    pytest.skip('the RSS counters are only read on a CPU host')
+  setup = harness.reset_peak_memory('ours')
+  grown = np.ones(64 << 20, np.uint8)  # touches 64 MiB
+  harness.print_child_memory('ours', setup)
+  report = json.loads(capsys.readouterr().out)
+  assert report['peak_bytes'] - report['setup_bytes'] >= grown.nbytes * 0.9
+  harness.print_child_memory('ours', report['peak_bytes'] + 4096.0)
+  above = json.loads(capsys.readouterr().out)
+  assert above['peak_bytes'] == above['setup_bytes'] == report['peak_bytes'] + 4096.0
+
+
 def _blocking(tmp_path) -> str:
   """A PYTHONPATH entry under which `import tensorflow` and `import seqio` fail."""
   blocker = tmp_path / 'no_tensorflow'
