@@ -85,18 +85,26 @@ def timed(fn, inputs):
   return time.perf_counter() - start
 
 
+def memory_child(args):
+  """Prints one side's peak memory (bytes) while it decodes every batch, after a first
+  pass that compiled each width and made the first allocations."""
+  sides, batches = build(args)
+  for b in batches:
+    sides[args.memory_side](b)
+  before = harness.reset_peak_memory(args.memory_side)
+  for b in batches:
+    sides[args.memory_side](b)
+  harness.print_child_memory(args.memory_side, before)
+
+
 def main(argv=None):
   args = parse_args(argv)
   torch.set_num_threads(os.cpu_count())
-  sides, batches = build(args)
   if args.memory_side:
-    for b in batches:  # compilation of every width and first allocations
-      sides[args.memory_side](b)
-    before = harness.reset_peak_memory(args.memory_side)
-    for b in batches:
-      sides[args.memory_side](b)
-    harness.print_child_memory(args.memory_side, before)
-    return
+    return memory_child(args)
+  memory = harness.children_memory('bench/decode_throughput.py',
+                                   sys.argv[1:] if argv is None else list(argv))
+  sides, batches = build(args)
   for name in sides:  # every batch once: each trimmed input width compiles before timing
     harness.progress(f'warm-up {name}: {sum(timed(sides[name], b) for b in batches):.3f}s')
   times = {name: [] for name in sides}
@@ -106,12 +114,10 @@ def main(argv=None):
     harness.progress(f'batch {i + 1}/{len(batches)}: ours {times["ours"][-1]:.3f}s, '
                      f'reference {times["reference"][-1]:.3f}s')
   report = {}
-  flags = sys.argv[1:] if argv is None else list(argv)
   for name in sides:
-    harness.progress(f'peak memory of {name} (a child process)')
     median = float(np.median(times[name]))
     report[name] = {'median_batch_s': median, 'examples_per_s': args.batch_size / median,
-                    **harness.child_memory('bench/decode_throughput.py', flags, name)}
+                    **memory[name]}
   report['ratio_ours_over_reference'] = {k: report['ours'][k] / report['reference'][k]
                                          for k in report['ours']}
   print(json.dumps({'benchmark': 'decode_throughput', 'config': args.config,

@@ -52,7 +52,7 @@ CONFIGS = {
 
 def add_shared_flags(parser: argparse.ArgumentParser) -> None:
   """The flags the train and decode benches share: `--prepared` inputs, and the hidden
-  `--memory_side` their memory child processes run with (`child_memory`)."""
+  `--memory_side` their memory child processes run with (`children_memory`)."""
   parser.add_argument('--prepared', help='inputs file: read when it exists, else written '
                                           '(built from DSBS_DATA_ROOT, which needs TensorFlow)')
   parser.add_argument('--memory_side', choices=['ours', 'reference'], help=argparse.SUPPRESS)
@@ -175,9 +175,10 @@ def matmul_seconds(found: collections.Counter[Matmul], repeats: int = 3) -> floa
   operands in the layout it prefers (best of `repeats`).
 
   For a train step's dots, each of which fills the device for milliseconds,
-  this is about the least time a step computing them can take, whatever else
-  it does. (Not so for decoding's microsecond dots, which a compiled step runs
-  several at a time on a CPU's cores.)
+  this is about the least time a step computing them can take on a CPU, whatever
+  else it does. Not so for decoding's microsecond dots, which a compiled step
+  runs several at a time on a CPU's cores, nor on a GPU, where each dot timed
+  alone pays a launch and a synchronisation that a compiled step does not.
   """
   f = jax.jit(jnp.matmul)
   total = 0.0
@@ -258,12 +259,20 @@ def print_child_memory(side: str, setup_bytes: float) -> None:
   print(json.dumps({'peak_bytes': peak, 'setup_bytes': setup_bytes}))
 
 
-def child_memory(script: str, flags: Sequence[str], side: str) -> dict[str, float]:
-  """`side`'s peak memory and what the steps add to it, from `script` run with `flags`
-  as that side's memory child."""
-  child = json.loads(run_child([script, *flags, f'--memory_side={side}']).splitlines()[-1])
-  return {'peak_memory_bytes': child['peak_bytes'],
-          'step_memory_bytes': child['peak_bytes'] - child['setup_bytes']}
+def children_memory(script: str, flags: Sequence[str]) -> dict[str, dict[str, float]]:
+  """Each side's peak memory and what its steps add to it, from `script` run with
+  `flags` as that side's memory child.
+
+  Call it before this process touches the device: on a GPU both frameworks keep
+  the memory they pooled, and a child started later finds the device full.
+  """
+  memory = {}
+  for side in ('ours', 'reference'):
+    progress(f'peak memory of {side} (a child process)')
+    child = json.loads(run_child([script, *flags, f'--memory_side={side}']).splitlines()[-1])
+    memory[side] = {'peak_memory_bytes': child['peak_bytes'],
+                    'step_memory_bytes': child['peak_bytes'] - child['setup_bytes']}
+  return memory
 
 
 def machine(matmul_peak: float | None = None) -> dict[str, Any]:
@@ -286,5 +295,9 @@ def _status_bytes(field: str) -> float:
 def run_child(argv: Sequence[str]) -> str:
   """stdout of `python argv` run from the repository root."""
   path = os.pathsep.join(p for p in (os.environ.get('PYTHONPATH'), REPO) if p)
-  return subprocess.run([sys.executable, *argv], check=True, cwd=REPO, capture_output=True,
-                        text=True, env=dict(os.environ, PYTHONPATH=path)).stdout
+  try:
+    return subprocess.run([sys.executable, *argv], check=True, cwd=REPO, capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=path)).stdout
+  except subprocess.CalledProcessError as error:
+    error.add_note(f'its stderr ends with:\n{error.stderr[-4000:]}')
+    raise

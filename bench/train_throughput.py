@@ -194,6 +194,8 @@ def main(argv=None):
   torch.set_num_threads(os.cpu_count())
   if args.memory_side:
     return memory_child(args)
+  memory = harness.children_memory('bench/train_throughput.py',
+                                   sys.argv[1:] if argv is None else list(argv))
   config, lengths, inputs, rationale, torch_model, params = build(args)
   make = sides(args, config, inputs, rationale, torch_model, params)
   ours, reference = make['ours'](), make['reference']()
@@ -211,12 +213,8 @@ def main(argv=None):
              else f'warm-up {i + 1}/{args.warmup}')
     harness.progress(f'{label}: ours {mine[0]:.3f}s, reference {theirs[0]:.3f}s'
                      + (f', our dots alone {dots_alone[-1]:.3f}s' if dots_alone else ''))
-  report = {'ours': rates(ours_results, config, lengths, peak),
-            'reference': rates(reference_results, config, lengths, peak)}
-  flags = sys.argv[1:] if argv is None else list(argv)
-  for side in ('ours', 'reference'):
-    harness.progress(f'peak memory of {side} (a child process)')
-    report[side].update(harness.child_memory('bench/train_throughput.py', flags, side))
+  report = {'ours': rates(ours_results, config, lengths, peak) | memory['ours'],
+            'reference': rates(reference_results, config, lengths, peak) | memory['reference']}
   report['ratio_ours_over_reference'] = {
       k: report['ours'][k] / report['reference'][k] for k in report['ours']
       if report['reference'][k]}

@@ -122,6 +122,13 @@ def test_a_memory_child_reports_growth_since_its_reset_and_never_less_than_none(
   assert above['peak_bytes'] == above['setup_bytes'] == report['peak_bytes'] + 4096.0
 
 
+def test_a_failed_child_shows_why():
+  """A memory child's traceback reaches the bench's own error, not only its exit status."""
+  with pytest.raises(subprocess.CalledProcessError) as error:
+    harness.run_child(['-c', 'import sys; print("out"); sys.exit("the device is full")'])
+  assert 'the device is full' in ''.join(error.value.__notes__)
+
+
 def _blocking(tmp_path) -> str:
   """A PYTHONPATH entry under which `import tensorflow` and `import seqio` fail."""
   blocker = tmp_path / 'no_tensorflow'
