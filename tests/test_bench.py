@@ -107,7 +107,7 @@ def test_matmuls_of_our_forward_pass_are_the_model_flops():
   assert harness.matmul_flops(found) == 2 * 64 * (enc + dec)
 
 
-def test_a_memory_child_reports_growth_since_its_reset_and_never_less_than_none(capsys):
+def test_a_memory_child_reports_growth_since_its_reset_never_below_zero(capsys):
   """Memory grown after the reset is counted; a reset taken above the kernel's later
   high-water reading (its RSS counters are approximate) yields 0 growth, not less."""
   if harness.on_gpu():
