@@ -14,7 +14,6 @@ import collections
 import json
 import math
 import os
-import pickle
 import platform
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.extend
 import jax.numpy as jnp
+import numpy as np
 import torch
 
 from bench import reference_torch
@@ -70,22 +70,55 @@ def student(config: network.T5Config, vocab: Mapping[str, int], **kwargs
   return models.StepByStepModel(network.Transformer(config), shape, shape, **kwargs)
 
 
+def _encode(value: Any, arrays: list) -> Any:
+  """A JSON-able description of nested dicts/lists/scalars; arrays go to `arrays`."""
+  if isinstance(value, np.ndarray):
+    arrays.append(value)
+    return {'array': len(arrays) - 1}
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, Mapping):
+    return {'dict': [[k, _encode(v, arrays)] for k, v in value.items()]}
+  if isinstance(value, (list, tuple)):
+    return {'list': [_encode(v, arrays) for v in value]}
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return {'scalar': value}
+  raise TypeError(f'cannot store a {type(value).__name__} in a prepared inputs file')
+
+
+def _decode(node: Any, arrays: Any) -> Any:
+  if 'array' in node:
+    return arrays[f'a{node["array"]}']
+  if 'dict' in node:
+    return {k: _decode(v, arrays) for k, v in node['dict']}
+  if 'list' in node:
+    return [_decode(v, arrays) for v in node['list']]
+  return node['scalar']
+
+
 def prepared(path: str | None, key: Mapping[str, Any], build: Callable[[], Any]) -> Any:
   """`build()`'s result, read from `path` when that file exists, else built (and written
   to `path` when one is given). `key`, the flags the result depends on, must match the
-  file's, so a file prepared for other flags is an error rather than wrong data."""
+  file's, so a file prepared for other flags is an error rather than wrong data.
+
+  The file is an `.npz` of plain arrays plus a JSON description of the nesting, read
+  with `allow_pickle=False`: loading one executes nothing (a pickle could).
+  """
   key = dict(key)
   if path and os.path.exists(path):
-    with open(path, 'rb') as f:
-      saved = pickle.load(f)
-    if saved['key'] != key:
-      raise ValueError(f'{path} was prepared for {saved["key"]}, not {key}: pass another '
-                       '--prepared path or delete this one')
-    return saved['inputs']
+    with np.load(path, allow_pickle=False) as saved:
+      description = json.loads(saved['structure'].tobytes().decode('utf-8'))
+      if description['key'] != key:
+        raise ValueError(f'{path} was prepared for {description["key"]}, not {key}: pass '
+                         'another --prepared path or delete this one')
+      return _decode(description['inputs'], saved)
   inputs = build()
   if path:
+    arrays: list[np.ndarray] = []
+    description = json.dumps({'key': key, 'inputs': _encode(inputs, arrays)})
     with open(path, 'wb') as f:
-      pickle.dump({'key': key, 'inputs': inputs}, f)
+      np.savez(f, structure=np.frombuffer(description.encode('utf-8'), np.uint8),
+               **{f'a{i}': a for i, a in enumerate(arrays)})
   return inputs
 
 

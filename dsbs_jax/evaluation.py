@@ -8,6 +8,7 @@ computes each task's metrics and its loggers write TensorBoard summaries and
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -15,10 +16,48 @@ import numpy as np
 import seqio
 from jax.experimental import multihost_utils
 
-from dsbs_jax import losses
+from dsbs_jax import losses, monitoring
 from dsbs_jax.decoding import INPUT_LENGTH_MULTIPLE, trim_inputs
 from dsbs_jax.models import StepByStepModel
+from dsbs_jax.errors import ConfigError
 from dsbs_jax.partitioning import Partitioner
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+  """Model selection on validation, and the final evaluation.
+
+  period: evaluate `split` every this many steps and keep the best state in
+    MODEL_DIR/best. None (the default) evaluates at every checkpoint period when the
+    task has a validation split, and never otherwise; 0 turns selection off.
+  split: the split that selects; never the test split.
+  final_split: evaluated once at the end, with the best state (None: skipped).
+  batch_size: rows per evaluation batch (default: BATCH_SIZE).
+  num_examples: evaluate only the first this many examples (a quick look).
+  best_metric: the flattened metric that selects, e.g. `cqa_llm_label/accuracy` or
+    `teacher_forced/loss`; default: the label task's first metric.
+  best_mode: `max` or `min`.
+  rationales: also decode the rationale task and score it (ROUGE).
+  """
+
+  period: Optional[int] = None
+  split: str = 'validation'
+  final_split: Optional[str] = 'test'
+  batch_size: Optional[int] = None
+  num_examples: Optional[int] = None
+  best_metric: Optional[str] = None
+  best_mode: str = 'max'
+  rationales: bool = False
+
+  def __post_init__(self):
+    if self.period is not None and self.period < 0:
+      raise ConfigError(f'evaluation.EvaluationConfig.period must be >= 0; got {self.period}')
+    if self.best_mode not in ('max', 'min'):
+      raise ConfigError(f'evaluation.EvaluationConfig.best_mode must be "max" or "min"; got '
+                        f'{self.best_mode!r}')
+    if self.split == 'test':
+      raise ConfigError('evaluation.EvaluationConfig.split is "test": model selection must not '
+                        'see the test split; select on "validation"')
 
 
 def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -32,19 +71,20 @@ def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray
 class Evaluator:
   """Decodes one split of some tasks and scores them with SeqIO.
 
+  As T5X's inference evaluation, it reads the split at its own lengths (SeqIO
+  measures them), so no input is cut and decoding stops at the longest target.
   Batches have a fixed number of rows; their inputs are trimmed to a multiple
   of `input_length_multiple` (`trim_inputs`), so only a few shapes compile.
   """
 
-  def __init__(self, task_names: Sequence[str], split: str, task_feature_lengths: Mapping[str, int],
-               model: StepByStepModel, partitioner: Partitioner, batch_size: int,
-               param_shardings: Any, log_dir: Optional[str],
-               num_examples: Optional[int] = None,
+  def __init__(self, task_names: Sequence[str], split: str, model: StepByStepModel,
+               partitioner: Partitioner, batch_size: int, param_shardings: Any,
+               log_dir: Optional[str], num_examples: Optional[int] = None,
                input_length_multiple: int = INPUT_LENGTH_MULTIPLE):
-    loggers = (seqio.TensorBoardLogger, seqio.JSONLogger) if log_dir else ()
+    loggers = monitoring.seqio_loggers() if log_dir else ()
     self._seqio = [seqio.Evaluator(
         mixture_or_task_name=name, feature_converter=model.FEATURE_CONVERTER_CLS(pack=False),
-        eval_split=split, sequence_length=dict(task_feature_lengths), num_examples=num_examples,
+        eval_split=split, sequence_length=None, num_examples=num_examples,
         logger_cls=loggers, log_dir=log_dir, async_compute_metrics=False) for name in task_names]
     self.batch_size = batch_size
     self.input_length_multiple = input_length_multiple

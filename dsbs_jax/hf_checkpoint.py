@@ -7,19 +7,26 @@ Safetensors are read with numpy, so torch is needed only for `.bin` files.
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import os
 from typing import Any, Mapping
 
 import numpy as np
 
+from dsbs_jax import storage
+from dsbs_jax.errors import ConfigError, DataError
 from dsbs_jax.network import T5Config
 
 Params = dict[str, Any]
 
 _HF_ACTIVATIONS = {'gelu_new': 'gelu', 'gelu_pytorch_tanh': 'gelu', 'gelu': 'gelu_exact',
-                   'relu': 'relu', 'silu': 'silu', 'swish': 'silu'}
+                   'gelu_python': 'gelu_exact', 'relu': 'relu', 'silu': 'silu', 'swish': 'silu'}
+# HF reads `gated-gelu` as tanh-GELU (`gelu_new`), so a gated exact GELU is spelled
+# with `gelu_python`, HF's erf GELU, which it keeps as written.
 _OUR_ACTIVATIONS = {'gelu': 'gelu_new', 'gelu_exact': 'gelu', 'relu': 'relu', 'silu': 'silu'}
+_OUR_GATED_ACTIVATIONS = {**_OUR_ACTIVATIONS, 'gelu_exact': 'gelu_python'}
 
 
 def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> T5Config:
@@ -36,7 +43,8 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> T5Config:
   act = proj.split('-')[-1]
   act = 'gelu_new' if gated and act == 'gelu' else act
   if act not in _HF_ACTIVATIONS:
-    raise ValueError(f'Unsupported HF feed_forward_proj {proj!r}')
+    raise ConfigError(f'HF feed_forward_proj {proj!r} has no counterpart here; supported: '
+                      f'{sorted(_HF_ACTIVATIONS)}, optionally gated-')
   ours = _HF_ACTIVATIONS[act]
   fields = dict(
       vocab_size=hf_config['vocab_size'],
@@ -63,12 +71,12 @@ def config_to_hf(config: T5Config) -> dict[str, Any]:
   acts = config.mlp_activations
   gated = len(acts) == 2 and acts[1] == 'linear'
   if not (gated or len(acts) == 1):
-    raise ValueError(f'HF T5 cannot express mlp_activations={acts}')
-  hf_act = _OUR_ACTIVATIONS[acts[0]]
+    raise ConfigError(f'HF T5 cannot express mlp_activations={acts}')
   if gated:
+    hf_act = _OUR_GATED_ACTIVATIONS[acts[0]]
     proj = 'gated-gelu' if hf_act == 'gelu_new' else f'gated-{hf_act}'
   else:
-    proj = hf_act
+    proj = _OUR_ACTIVATIONS[acts[0]]
   return dict(
       architectures=['T5ForConditionalGeneration'], model_type='t5',
       vocab_size=config.vocab_size, d_model=config.emb_dim, num_heads=config.num_heads,
@@ -146,7 +154,7 @@ def params_from_hf_state_dict(state_dict: Mapping[str, np.ndarray], config: T5Co
   head = state_dict.get('lm_head.weight')
   if config.logits_via_embedding:
     if head is not None and not np.array_equal(head, state_dict.get('shared.weight')):
-      raise ValueError(f'{source}: the config scales decoder outputs (a tied T5 v1.0 head) but '
+      raise DataError(f'{source}: the config scales decoder outputs (a tied T5 v1.0 head) but '
                        'the checkpoint has a separate lm_head.weight')
   elif head is None and 'shared.weight' in state_dict:
     state_dict['lm_head.weight'] = state_dict['shared.weight']
@@ -154,7 +162,7 @@ def params_from_hf_state_dict(state_dict: Mapping[str, np.ndarray], config: T5Co
   used = set()
   for ours, theirs, transpose in _name_map(config):
     if theirs not in state_dict:
-      raise KeyError(f'{source}: missing tensor {theirs!r} (needed for {ours})')
+      raise DataError(f'{source}: missing tensor {theirs!r} (needed for {ours})')
     value = np.asarray(state_dict[theirs], dtype=np.float32)
     _set(params, ours, value.T if transpose else value)
     used.add(theirs)
@@ -163,7 +171,7 @@ def params_from_hf_state_dict(state_dict: Mapping[str, np.ndarray], config: T5Co
     tied.add('lm_head.weight')
   unknown = sorted(k for k in state_dict if k not in used and k not in tied)
   if unknown:
-    raise KeyError(f'{source}: tensors with no counterpart in the network: {unknown[:8]}'
+    raise DataError(f'{source}: tensors with no counterpart in the network: {unknown[:8]}'
                    f'{" ..." if len(unknown) > 8 else ""}')
   return params
 
@@ -178,46 +186,61 @@ def params_to_hf_state_dict(params: Mapping[str, Any], config: T5Config) -> dict
 
 
 def read_hf_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads the weights of a `save_pretrained` directory."""
+  """Reads the weights of a `save_pretrained` directory (local or a URL)."""
   single = os.path.join(path, 'model.safetensors')
   index = os.path.join(path, 'model.safetensors.index.json')
   torch_bin = os.path.join(path, 'pytorch_model.bin')
-  if os.path.exists(single) or os.path.exists(index):
-    from safetensors.numpy import load_file
-    if os.path.exists(single):
-      return load_file(single)
-    with open(index) as f:
-      shards = sorted(set(json.load(f)['weight_map'].values()))
+  if storage.exists(single) or storage.exists(index):
+    from safetensors.numpy import load
+    if storage.exists(single):
+      return load(storage.read_bytes(single))
+    shards = sorted(set(_read_json(index)['weight_map'].values()))
     state: dict[str, np.ndarray] = {}
     for shard in shards:
-      state.update(load_file(os.path.join(path, shard)))
+      state.update(load(storage.read_bytes(os.path.join(path, shard))))
     return state
-  if os.path.exists(torch_bin):
+  if storage.exists(torch_bin):
     import torch
-    state = torch.load(torch_bin, map_location='cpu', weights_only=True)
+    state = torch.load(io.BytesIO(storage.read_bytes(torch_bin)), map_location='cpu',
+                       weights_only=True)
     return {k: v.float().numpy() for k, v in state.items()}
-  raise FileNotFoundError(f'{path}: no model.safetensors, model.safetensors.index.json or '
-                          'pytorch_model.bin (expected a HF save_pretrained directory)')
+  raise DataError(f'{path}: no model.safetensors, model.safetensors.index.json or '
+                  'pytorch_model.bin (expected a HF save_pretrained directory)')
+
+
+def _read_json(path: str) -> Any:
+  try:
+    return json.loads(storage.read_text(path))
+  except json.JSONDecodeError as e:
+    raise DataError(f'{path}:{e.lineno}: not valid JSON ({e.msg})') from None
+
+
+def read_hf_config(path: str) -> T5Config:
+  """Our `T5Config` from a `save_pretrained` directory's `config.json`."""
+  config_path = os.path.join(path, 'config.json')
+  hf_config = _read_json(config_path)
+  if not isinstance(hf_config, dict):
+    raise DataError(f'{config_path}: expected a JSON object')
+  if hf_config.get('model_type', 't5') != 't5':
+    raise DataError(f'{config_path}: model_type is {hf_config["model_type"]!r}, expected "t5"')
+  try:
+    return config_from_hf(hf_config)
+  except KeyError as e:
+    raise DataError(f'{config_path}: missing field {e.args[0]!r}') from None
+  except (TypeError, ValueError) as e:
+    raise DataError(f'{config_path}: {e}') from None
 
 
 def load_hf_checkpoint(path: str, **config_overrides: Any) -> tuple[T5Config, Params]:
-  """(config, params) from a HF `save_pretrained` directory."""
-  config_path = os.path.join(path, 'config.json')
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f'{config_path}: not found (expected a HF save_pretrained directory)')
-  with open(config_path) as f:
-    hf_config = json.load(f)
-  if hf_config.get('model_type', 't5') != 't5':
-    raise ValueError(f'{config_path}: model_type is {hf_config["model_type"]!r}, expected "t5"')
-  config = config_from_hf(hf_config, **config_overrides)
+  """(config, params) from a HF `save_pretrained` directory (local or a URL)."""
+  config = dataclasses.replace(read_hf_config(path), **config_overrides)
   return config, params_from_hf_state_dict(read_hf_state_dict(path), config, source=path)
 
 
 def save_hf_checkpoint(path: str, config: T5Config, params: Mapping[str, Any]) -> None:
   """Writes `config.json` and `model.safetensors` that `from_pretrained` loads."""
-  from safetensors.numpy import save_file
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, 'config.json'), 'w') as f:
-    json.dump(config_to_hf(config), f, indent=2)
-  save_file(params_to_hf_state_dict(params, config), os.path.join(path, 'model.safetensors'),
-            metadata={'format': 'pt'})
+  from safetensors.numpy import save
+  hf_config = config_to_hf(config)
+  storage.write_atomic(os.path.join(path, 'model.safetensors'),
+                       save(params_to_hf_state_dict(params, config), metadata={'format': 'pt'}))
+  storage.write_atomic(os.path.join(path, 'config.json'), json.dumps(hf_config, indent=2))

@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from dsbs_jax.errors import ConfigError
+
 Array = jax.Array
 
 PAD_TASK = 0
@@ -32,14 +34,14 @@ TASK_NAMES = {LABEL_TASK: 'label', RATIONALE_TASK: 'rationale'}
 def task_weights(lambda_: Optional[float] = None, alpha: Optional[float] = None) -> tuple[float, float]:
   """(w_label, w_rationale) from exactly one of the paper's λ or the reference's α."""
   if (lambda_ is None) == (alpha is None):
-    raise ValueError(f'Give exactly one of lambda (paper form) or alpha (reference form); '
-                     f'got lambda={lambda_}, alpha={alpha}')
+    raise ConfigError(f'set exactly one of LAMBDA (the paper\'s form) and ALPHA (the reference '
+                      f'code\'s; then LAMBDA = None); got LAMBDA={lambda_}, ALPHA={alpha}')
   if lambda_ is not None:
     if lambda_ < 0:
-      raise ValueError(f'lambda must be >= 0, got {lambda_}')
+      raise ConfigError(f'LAMBDA must be >= 0; got {lambda_}')
     return 1.0, float(lambda_)
   if not 0.0 <= alpha <= 1.0:
-    raise ValueError(f'alpha must be in [0, 1], got {alpha}')
+    raise ConfigError(f'ALPHA must be in [0, 1]; got {alpha}')
   return float(alpha), 1.0 - float(alpha)
 
 

@@ -1,42 +1,87 @@
-"""Where training reports to: TensorBoard event files, a JSONL copy, and a progress line."""
+"""Where runs report to: TensorBoard event files, JSONL copies, SeqIO loggers, a progress line.
+
+Everything is written through `storage`, so a `gs://` MODEL_DIR gets the same
+files as a local one. Event files are written with TensorBoard's own record
+format and summary protos (no TensorFlow), which TensorBoard reads as it reads
+`tf.summary`'s.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import socket
 import time
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
-import tensorflow as tf
+import numpy as np
+from tensorboard.compat.proto import event_pb2
+from tensorboard.plugins.scalar import summary_v2 as scalar_summary
+from tensorboard.plugins.text import summary_v2 as text_summary
+from tensorboard.summary.writer.record_writer import RecordWriter
+
+from dsbs_jax import storage
 
 log = logging.getLogger('dsbs_jax')
 
 
-class MetricWriter:
-  """Scalars to TensorBoard (`<dir>/events.*`) and to `<dir>/metrics.jsonl`."""
+class EventFileWriter:
+  """One TensorBoard event file in `directory`, named as TensorFlow names them."""
 
-  def __init__(self, directory: str, enabled: bool = True):
-    self.directory = directory
+  _count = 0
+
+  def __init__(self, directory: storage.PathLike):
+    EventFileWriter._count += 1
+    name = (f'events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}.'
+            f'{EventFileWriter._count}.v2')
+    self._file = storage.AppendFile(storage.resolve(directory) / name)
+    self._records = RecordWriter(self._file)
+    self._records.write(event_pb2.Event(wall_time=time.time(),
+                                        file_version='brain.Event:2').SerializeToString())
+
+  def write(self, step: int, summary: Any) -> None:
+    event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
+    self._records.write(event.SerializeToString())
+
+  def flush(self) -> None:
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
+class MetricWriter:
+  """Scalars to TensorBoard (`<dir>/events.*`) and to `<dir>/metrics.jsonl`; text to
+  TensorBoard's text tab. Disabled writers (processes other than the first) write nothing."""
+
+  def __init__(self, directory: storage.PathLike, enabled: bool = True):
+    self.directory = storage.resolve(directory)
     self.enabled = enabled
     if enabled:
-      os.makedirs(directory, exist_ok=True)
-      self._tb = tf.summary.create_file_writer(directory)
-      self._jsonl = open(os.path.join(directory, 'metrics.jsonl'), 'a')
+      self._events = EventFileWriter(self.directory)
+      self._jsonl = storage.AppendFile(self.directory / 'metrics.jsonl')
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    with self._tb.as_default(step=step):
-      for name, value in scalars.items():
-        tf.summary.scalar(name, float(value))
-    self._jsonl.write(json.dumps({'step': step, **{k: float(v) for k, v in scalars.items()}}) + '\n')
+    values = {k: float(v) for k, v in scalars.items()}
+    for name, value in values.items():
+      self._events.write(step, scalar_summary.scalar_pb(name, value))
+    self._jsonl.write(json.dumps({'step': step, **values}) + '\n')
     self._jsonl.flush()
-    self._tb.flush()
+    self._events.flush()
+
+  def write_text(self, step: int, texts: Mapping[str, str]) -> None:
+    if not self.enabled:
+      return
+    for name, text in texts.items():
+      self._events.write(step, text_summary.text_pb(name, text))
+    self._events.flush()
 
   def close(self) -> None:
     if self.enabled:
-      self._tb.close()
+      self._events.close()
       self._jsonl.close()
 
 
@@ -71,3 +116,71 @@ class Progress:
     log.info('step %d/%d (%.0f%%) %s | %.2f steps/s | ETA %s', step, self.total_steps,
              100.0 * step / max(self.total_steps, 1), shown, rate, eta)
     return rate
+
+
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, bytes):
+    return value.decode('utf-8', errors='replace')
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, Mapping):
+    return {k: _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  return value
+
+
+def _scalar(value: Any) -> Optional[float]:
+  value = getattr(value, 'value', value)
+  return float(value) if isinstance(value, (int, float, np.number)) else None
+
+
+def seqio_loggers() -> tuple[type, type]:
+  """The SeqIO logger classes an Evaluator writes through `storage` with.
+
+  Defined on use: SeqIO (and TensorFlow) are imported only by the processes that
+  evaluate.
+  """
+  import seqio
+
+  class TensorBoardLogger(seqio.Logger):
+    """Each task's scalar metrics to `<output_dir>/<task>/events.*` (SeqIO's layout)."""
+
+    def __call__(self, task_name: str, step: Optional[int], metrics: Mapping[str, Any],
+                 dataset: Any, inferences: Any, targets: Any) -> None:
+      del dataset, inferences, targets
+      scalars = {f'eval/{k}': v for k, v in metrics.items() if _scalar(v) is not None}
+      writer = EventFileWriter(storage.resolve(self.output_dir) / task_name)
+      for name, value in scalars.items():
+        writer.write(step or 0, scalar_summary.scalar_pb(name, _scalar(value)))
+      writer.close()
+
+  class JSONLogger(seqio.Logger):
+    """`<task>-metrics.jsonl` (one line per step) and `<task>-<step>.jsonl` (every
+    example with its target and prediction), as SeqIO's JSONLogger writes them."""
+
+    def __call__(self, task_name: str, step: Optional[int], metrics: Mapping[str, Any],
+                 dataset: Any, inferences: Optional[Mapping[str, Sequence[Any]]],
+                 targets: Optional[Sequence[Any]]) -> None:
+      step = -1 if step is None else step
+      out = storage.resolve(self.output_dir)
+      values = {k: _scalar(v) for k, v in metrics.items() if _scalar(v) is not None}
+      if values:
+        lines = storage.AppendFile(out / f'{task_name}-metrics.jsonl')
+        lines.write(json.dumps({'step': step, **values}) + '\n')
+        lines.close()
+      if not inferences or targets is None or dataset is None:
+        return
+      kinds = [k for k in inferences if k != 'aux_value']
+      rows = []
+      for i, (example, target) in enumerate(zip(dataset.as_numpy_iterator(), targets)):
+        row = {'input': _jsonable({k: v for k, v in example.items()
+                                   if k.endswith('_pretokenized')}),
+               'target': _jsonable(target)}
+        row.update({k: _jsonable(inferences[k][i]) for k in kinds})
+        rows.append(json.dumps(row))
+      storage.write_atomic(out / f'{task_name}-{step:06d}.jsonl', '\n'.join(rows) + '\n')
+
+  return TensorBoardLogger, JSONLogger

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from dsbs_jax.errors import ConfigError
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -72,18 +74,28 @@ class T5Config:
     for name in ('vocab_size', 'emb_dim', 'num_heads', 'num_encoder_layers',
                  'num_decoder_layers', 'head_dim', 'mlp_dim', 'attention_block_size'):
       if int(getattr(self, name)) < 1:
-        raise ValueError(f'T5Config.{name} must be >= 1, got {getattr(self, name)}')
+        raise ConfigError(f'T5Config.{name} must be >= 1, got {getattr(self, name)}')
     unknown = [a for a in self.mlp_activations if a not in ACTIVATIONS]
     if unknown:
-      raise ValueError(f'T5Config.mlp_activations: unknown {unknown}; '
+      raise ConfigError(f'T5Config.mlp_activations: unknown {unknown}; '
                        f'choose from {sorted(ACTIVATIONS)}')
     if not 0.0 <= self.dropout_rate < 1.0:
-      raise ValueError(f'T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}')
+      raise ConfigError(f'T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}')
     object.__setattr__(self, 'mlp_activations', tuple(self.mlp_activations))
 
   @property
   def activation_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.dtype)
+
+  def architecture(self) -> dict[str, Any]:
+    """The fields that define the function the weights compute (not how it runs or trains):
+    two configs that agree here can exchange weights."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if f.name not in _RUNTIME_FIELDS}
+
+
+# T5Config fields that change how the network runs or trains, not what its weights mean.
+_RUNTIME_FIELDS = ('dropout_rate', 'dtype', 'remat', 'attention_block_size')
 
 
 def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,

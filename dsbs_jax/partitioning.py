@@ -8,6 +8,7 @@ The network names the axes of every parameter and activation (`batch`,
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Iterator, Optional, Sequence
 
 import flax.linen as nn
@@ -75,19 +76,31 @@ def params_axes(boxed_params: Any) -> dict[str, Any]:
 
 
 class Partitioner:
-  """Builds the mesh and turns logical axis names into shardings."""
+  """Builds the mesh and turns logical axis names into shardings.
+
+  The mesh is built on first use, so a partitioner can describe a layout for
+  devices this host does not have (`memory.memory_plan`).
+  """
 
   def __init__(self, num_partitions: int = 1, logical_axis_rules: LogicalRules = STANDARD_RULES,
                devices: Optional[Sequence[jax.Device]] = None):
-    devices = list(devices if devices is not None else jax.devices())
-    if num_partitions < 1 or len(devices) % num_partitions:
-      raise ConfigError(f'NUM_PARTITIONS={num_partitions} must divide the {len(devices)} devices')
+    if num_partitions < 1:
+      raise ConfigError(f'NUM_PARTITIONS must be >= 1; got {num_partitions}')
     if num_partitions > 1 and all(mesh != 'model' for _, mesh in logical_axis_rules):
       raise ConfigError(f'NUM_PARTITIONS={num_partitions} but the partitioning rules place '
                         'nothing on the model axis; use the data_model or fsdp preset')
-    grid = np.asarray(devices).reshape(len(devices) // num_partitions, num_partitions)
-    self.mesh = Mesh(grid, ('data', 'model'))
+    self.num_partitions = num_partitions
     self.rules = tuple(tuple(r) for r in logical_axis_rules)
+    self._devices = devices
+
+  @functools.cached_property
+  def mesh(self) -> Mesh:
+    devices = list(self._devices if self._devices is not None else jax.devices())
+    if len(devices) % self.num_partitions:
+      raise ConfigError(f'NUM_PARTITIONS={self.num_partitions} must divide the {len(devices)} '
+                        'devices')
+    grid = np.asarray(devices).reshape(len(devices) // self.num_partitions, self.num_partitions)
+    return Mesh(grid, ('data', 'model'))
 
   @property
   def data_size(self) -> int:

@@ -4,7 +4,8 @@
 #
 #   launch/local_multihost.sh 2 4 --gin_file=gin/demo.gin --gin.MODEL_DIR="'/tmp/mh'"
 #
-# Process 0 logs to the terminal; all logs are in $LOG_DIR (default /tmp/dsbs_multihost).
+# Process 0 logs to the terminal; every process's log is in $LOG_DIR, by default a
+# fresh private directory (mktemp -d) whose path is printed first.
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
   echo "usage: $0 NUM_PROCESSES DEVICES_PER_PROCESS [dsbs-train flags...]" >&2
@@ -12,13 +13,18 @@ if [[ $# -lt 2 ]]; then
 fi
 num_processes=$1; devices=$2; shift 2
 port=${PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
-log_dir=${LOG_DIR:-/tmp/dsbs_multihost}
-mkdir -p "$log_dir"
+if [[ -n "${LOG_DIR:-}" ]]; then
+  log_dir=$LOG_DIR
+  mkdir -p "$log_dir"
+else
+  log_dir=$(mktemp -d -t dsbs_multihost.XXXXXX)
+fi
+echo "logs: $log_dir"
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM
 for ((i = 0; i < num_processes; i++)); do
   XLA_FLAGS="--xla_force_host_platform_device_count=$devices" JAX_PLATFORMS=cpu \
-    python3 -m dsbs_jax.train --coordinator_address="127.0.0.1:$port" \
+    python3 -m dsbs_jax --coordinator_address="127.0.0.1:$port" \
     --num_processes="$num_processes" --process_id="$i" "$@" > "$log_dir/process_$i.log" 2>&1 &
   pids+=($!)
 done

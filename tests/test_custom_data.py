@@ -93,6 +93,7 @@ def test_bad_custom_data_is_reported_with_location(tmp_path):
 
 
 def test_trained_sentencepiece_vocabulary_serves_the_tasks(tmp_path):
+  demo.register()
   path = vocabularies.train_sentencepiece(
       vocabularies.task_texts('demo_gt_step_by_step'), str(tmp_path / 'demo_spm'), vocab_size=300)
   vocab = vocabularies.sentencepiece(path, extra_ids=0)

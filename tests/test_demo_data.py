@@ -8,6 +8,7 @@ import seqio
 
 from dsbs_jax.data import demo, metrics, tasks
 from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
+from dsbs_jax.errors import ConfigError
 
 LENGTHS = {'inputs': 256, 'targets': 128}
 
@@ -69,6 +70,7 @@ def test_registered_tasks_and_mixture():
 
 
 def test_packed_mixture_keeps_each_tokens_task():
+  demo.register()
   ds = seqio.get_dataset('demo_gt_step_by_step', LENGTHS, dataset_split='validation',
                          shuffle=False, seed=0,
                          feature_converter=StepByStepFeatureConverter(pack=True))
@@ -89,7 +91,7 @@ def test_packed_mixture_keeps_each_tokens_task():
 def test_task_name_helper():
   assert tasks.task_name('svamp', 'step_by_step', 'llm') == 'svamp_llm_step_by_step'
   assert tasks.task_name('cqa', 'rationale', 'gt') == 'cqa_rationale'
-  with pytest.raises(ValueError, match='Unknown task variant'):
+  with pytest.raises(ConfigError, match="TASK_VARIANT 'distill' is unknown"):
     tasks.task_name('cqa', 'distill')
 
 

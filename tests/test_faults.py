@@ -9,30 +9,28 @@ import sys
 import textwrap
 import time
 
-import gin
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from conftest import REPO
-from dsbs_jax import train
+from conftest import NO_EVALUATION, REPO, SUBPROCESS_ENV, TINY_MODEL, cli
 
-MODEL = [
-    '--gin_file=demo.gin', '--gin.network.T5Config.emb_dim=64', '--gin.network.T5Config.num_heads=2',
-    '--gin.network.T5Config.head_dim=32', '--gin.network.T5Config.mlp_dim=128',
-    '--gin.network.T5Config.num_encoder_layers=1', '--gin.network.T5Config.num_decoder_layers=1',
-    "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 64}", '--gin.BATCH_SIZE=8',
-    '--gin.DROPOUT_RATE=0.1', '--gin.train.train.log_period=1', '--gin.train.train.eval_period=0',
-    '--gin.train.train.final_eval_split=None', '--gin.train.train.checkpoint_period=5',
-]
-ENV = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
-           PYTHONPATH=REPO)
+# Dropout on, so that exact resume covers the dropout RNG too.
+MODEL = [*TINY_MODEL, '--gin.DROPOUT_RATE=0.1', '--gin.train.train.log_period=1',
+         *NO_EVALUATION, '--gin.checkpoints.CheckpointConfig.period=5']
 
 
 def _start(model_dir, *extra):
-  return subprocess.Popen([sys.executable, '-m', 'dsbs_jax.train', *MODEL, *extra,
-                           f"--gin.MODEL_DIR='{model_dir}'"], cwd=REPO, env=ENV,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  """A dsbs-train process whose output goes to a file (a pipe nobody reads would fill)."""
+  with open(model_dir.parent / f'{model_dir.name}.log', 'a') as log:
+    return subprocess.Popen([sys.executable, '-m', 'dsbs_jax', *MODEL, *extra,
+                             f"--gin.MODEL_DIR='{model_dir}'"], cwd=REPO, env=SUBPROCESS_ENV,
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def _output(proc, model_dir, timeout):
+  proc.wait(timeout=timeout)
+  return (model_dir.parent / f'{model_dir.name}.log').read_text()
 
 
 def _steps_done(model_dir):
@@ -75,7 +73,7 @@ def test_sigkill_and_restart_resume_exactly(tmp_path):
   interrupted_at = _steps_done(killed)
   assert interrupted_at < 40, 'the run finished before it could be killed'
   restart = _start(killed, '--gin.TRAIN_STEPS=40')
-  out = restart.communicate(timeout=300)[0]
+  out = _output(restart, killed, timeout=300)
   assert restart.returncode == 0, out
   assert 'Resumed from' in out
   assert _final_losses(killed) == _final_losses(straight)  # every step, bitwise
@@ -100,8 +98,8 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_restorable(tmp_path
   directory = str(tmp_path / 'ckpt')
   from dsbs_jax.checkpoints import Checkpointer
   for delay in (0.3, 0.55, 0.8):
-    proc = subprocess.Popen([sys.executable, '-c', _SAVER, directory], cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, '-c', _SAVER, directory], cwd=REPO,
+                            env=SUBPROCESS_ENV, stdout=subprocess.PIPE, text=True)
     proc.stdout.readline()  # at least one save finished
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
@@ -122,23 +120,21 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
   proc = _start(model_dir, '--gin.TRAIN_STEPS=100000')
   _wait_for(lambda: _steps_done(model_dir) >= 3)
   proc.send_signal(signal.SIGTERM)
-  out = proc.communicate(timeout=120)[0]
+  out = _output(proc, model_dir, timeout=120)
   assert proc.returncode == 0, out
   saved = max(int(s) for s in os.listdir(model_dir / 'checkpoints'))
   assert f'SIGTERM: saved step {saved}' in out
   assert saved >= 3
   restart = _start(model_dir, f'--gin.TRAIN_STEPS={saved + 2}')
-  out = restart.communicate(timeout=300)[0]
+  out = _output(restart, model_dir, timeout=300)
   assert restart.returncode == 0 and f'Resumed from {model_dir}/checkpoints at step {saved}' in out
 
 
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-  gin.clear_config()
   model_dir = tmp_path / 'run'
-  code = train.main(['dsbs-train', *MODEL, f"--gin.MODEL_DIR='{model_dir}'",
-                     '--gin.TRAIN_STEPS=20', '--gin.train.train.checkpoint_period=2',
-                     '--gin.LEARNING_RATE=1e38', '--gin.optimizers.create_optimizer.warmup_steps=4'])
-  gin.clear_config()
+  code = cli(*MODEL, f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=20',
+             '--gin.checkpoints.CheckpointConfig.period=2', '--gin.LEARNING_RATE=1e38',
+             '--gin.optimizers.create_optimizer.warmup_steps=4')
   err = capsys.readouterr().err
   assert code == 2
   assert 'param_norm is inf at step 2; stopping before saving it' in err

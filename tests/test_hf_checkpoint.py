@@ -8,6 +8,7 @@ import pytest
 
 from conftest import hf_t5
 from dsbs_jax import hf_checkpoint, network
+from dsbs_jax.errors import DataError
 
 torch = pytest.importorskip('torch')
 
@@ -113,9 +114,9 @@ def test_missing_tensor_and_directory_errors(tmp_path):
   state = load_file(f'{path}/model.safetensors')
   del state['decoder.final_layer_norm.weight']
   save_file(state, f'{path}/model.safetensors', metadata={'format': 'pt'})
-  with pytest.raises(KeyError, match='decoder.final_layer_norm.weight'):
+  with pytest.raises(DataError, match='decoder.final_layer_norm.weight'):
     hf_checkpoint.load_hf_checkpoint(path)
-  with pytest.raises(FileNotFoundError, match='config.json'):
+  with pytest.raises(DataError, match='nowhere/config.json: file not found'):
     hf_checkpoint.load_hf_checkpoint(str(tmp_path / 'nowhere'))
 
 
@@ -124,3 +125,25 @@ def test_config_round_trip_through_hf_fields():
                             num_decoder_layers=2, head_dim=32, mlp_dim=128)
   assert hf_checkpoint.config_from_hf(json.loads(json.dumps(
       hf_checkpoint.config_to_hf(config)))) == config
+
+
+def test_gated_exact_gelu_exports_as_exact_gelu(tmp_path, rng):
+  """HF reads `gated-gelu` as tanh-GELU; the export must say erf-GELU and compute it."""
+  transformers = pytest.importorskip('transformers')
+  import flax.linen as nn
+  import jax
+  config = network.T5Config(vocab_size=300, emb_dim=32, num_heads=4, num_encoder_layers=2,
+                            num_decoder_layers=2, head_dim=8, mlp_dim=64, dropout_rate=0.0,
+                            mlp_activations=('gelu_exact', 'linear'))
+  enc = rng.randint(2, 300, size=(2, 24))
+  tgt = rng.randint(2, 300, size=(2, 16))
+  dec_in = _shift_right(tgt)
+  module = network.Transformer(config)
+  params = nn.meta.unbox(module.init(jax.random.PRNGKey(0), enc, dec_in, tgt,
+                                     enable_dropout=False)['params'])
+  hf_checkpoint.save_hf_checkpoint(str(tmp_path / 'hf'), config, params)
+  hf_model = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path / 'hf')).eval()
+  assert hf_model.config.dense_act_fn == 'gelu_python' and hf_model.config.is_gated_act
+  ours = np.asarray(module.apply({'params': params}, enc, dec_in, tgt, enable_dropout=False))
+  assert np.abs(ours - _hf_logits(hf_model, enc, dec_in)).max() <= 1e-4
+  assert hf_checkpoint.read_hf_config(str(tmp_path / 'hf')) == config

@@ -8,16 +8,13 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, TINY_MODEL
 
 FLAGS = [
-    '--gin_file=demo.gin', '--gin.network.T5Config.emb_dim=32', '--gin.network.T5Config.num_heads=2',
-    '--gin.network.T5Config.head_dim=16', '--gin.network.T5Config.mlp_dim=64',
-    '--gin.network.T5Config.num_encoder_layers=1', '--gin.network.T5Config.num_decoder_layers=1',
-    "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 64}", '--gin.BATCH_SIZE=8',
-    '--gin.TRAIN_STEPS=6', '--gin.train.train.log_period=1', '--gin.train.train.eval_period=0',
-    '--gin.train.train.eval_num_examples=8', '--gin.train.train.num_input_shards=2',
-    '--gin.NUM_PARTITIONS=2', '--gin.train.train.checkpoint_period=3',
+    *TINY_MODEL, '--gin.TRAIN_STEPS=6', '--gin.train.train.log_period=1',
+    '--gin.evaluation.EvaluationConfig.period=0', '--gin.evaluation.EvaluationConfig.num_examples=8',
+    '--gin.input_pipeline.DatasetConfig.num_input_shards=2', '--gin.NUM_PARTITIONS=2',
+    '--gin.checkpoints.CheckpointConfig.period=3',
 ]
 
 
@@ -34,7 +31,7 @@ def _losses(model_dir):
 
 def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
   single = tmp_path / 'single'
-  subprocess.run([sys.executable, '-m', 'dsbs_jax.train', *FLAGS, f"--gin.MODEL_DIR='{single}'"],
+  subprocess.run([sys.executable, '-m', 'dsbs_jax', *FLAGS, f"--gin.MODEL_DIR='{single}'"],
                  env=_env(8), cwd=REPO, check=True, capture_output=True, timeout=300)
   multi = tmp_path / 'multi'
   run = subprocess.run(

@@ -14,36 +14,24 @@ import jax
 import numpy as np
 import optax
 import pytest
-import seqio
 from flax import traverse_util
 from flax.linen import partitioning as flax_partitioning
 
-from dsbs_jax import models, network, partitioning
+from conftest import REPO, synthetic_batch, tiny_config, tiny_student
+from dsbs_jax import partitioning
 from dsbs_jax.errors import ConfigError
 
-from conftest import REPO
-
-CONFIG = network.T5Config(vocab_size=64, emb_dim=32, num_heads=4, num_encoder_layers=1,
-                          num_decoder_layers=2, head_dim=8, mlp_dim=64, dropout_rate=0.0)
+CONFIG = tiny_config(num_decoder_layers=2)
 SHAPES = {'encoder_input_tokens': (4, 16), 'decoder_input_tokens': (4, 12)}
 TYPES = {k: np.int32 for k in SHAPES}  # what t5x.train passes: the dataset's dtypes
 
 
 def _student():
-  vocab = seqio.PassThroughVocabulary(size=64, eos_id=1)
-  return models.StepByStepModel(network.Transformer(CONFIG), vocab, vocab, task_weights=(1.0, 0.5))
+  return tiny_student(CONFIG, task_weights=(1.0, 0.5))
 
 
 def _batch():
-  rng = np.random.RandomState(0)
-  tgt = rng.randint(2, 64, size=SHAPES['decoder_input_tokens']).astype(np.int32)
-  tgt[:, 9:] = 0
-  enc = rng.randint(2, 64, size=SHAPES['encoder_input_tokens']).astype(np.int32)
-  enc[:, 13:] = 0
-  return {'encoder_input_tokens': enc,
-          'decoder_input_tokens': np.concatenate([np.zeros((4, 1), np.int32), tgt[:, :-1]], 1),
-          'decoder_target_tokens': tgt,
-          'decoder_task_ids': np.where(tgt > 0, 1 + (np.arange(4)[:, None] % 2), 0).astype(np.int32)}
+  return synthetic_batch(rows=4, input_length=13)
 
 
 def test_params_axes_carry_every_parameters_logical_axes():

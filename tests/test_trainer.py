@@ -5,29 +5,18 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-import seqio
 
-from dsbs_jax import models, network, optimizers, partitioning, trainer
+from conftest import synthetic_batch as _batch
+from conftest import tiny_config, tiny_student
+from dsbs_jax import optimizers, partitioning, trainer
 
-CONFIG = network.T5Config(vocab_size=64, emb_dim=32, num_heads=4, num_encoder_layers=1,
-                          num_decoder_layers=1, head_dim=8, mlp_dim=64, dropout_rate=0.1)
+CONFIG = tiny_config(dropout_rate=0.1)
 SHAPES = {'encoder_input_tokens': (8, 16), 'decoder_input_tokens': (8, 12)}
 
 
-def _batch(seed=0):
-  rng = np.random.RandomState(seed)
-  tgt = rng.randint(2, 64, size=(8, 12)).astype(np.int32)
-  tgt[:, 9:] = 0
-  return {'encoder_input_tokens': rng.randint(2, 64, size=(8, 16)).astype(np.int32),
-          'decoder_input_tokens': np.concatenate([np.zeros((8, 1), np.int32), tgt[:, :-1]], 1),
-          'decoder_target_tokens': tgt,
-          'decoder_task_ids': np.where(tgt > 0, 1 + (np.arange(8)[:, None] % 2), 0).astype(np.int32)}
-
-
 def _trainer(config=CONFIG, optimizer='adamw', num_partitions=1):
-  vocab = seqio.PassThroughVocabulary(size=64)
-  model = models.StepByStepModel(network.Transformer(config), vocab, vocab)
-  return trainer.Trainer(model, optimizers.create_optimizer(optimizer, learning_rate=1e-2),
+  return trainer.Trainer(tiny_student(config),
+                         optimizers.create_optimizer(optimizer, learning_rate=1e-2),
                          partitioning.Partitioner(num_partitions))
 
 

@@ -4,9 +4,9 @@
     <root>/<name>/llm/<split>_CoT_<i>.json         JSON lists of raw teacher outputs,
                                                    aligned with the split's rows in chunks
 
-The root comes from `register(root=...)` (gin macro `DATA_ROOT`) or else the
-`DSBS_DATA_ROOT` environment variable, and is read only when a split is first
-loaded, so importing this module registers every task without touching disk.
+The root (a directory or a `gs://` URL) comes from `register(root=...)` (gin
+macro `DATA_ROOT`) or else the `DSBS_DATA_ROOT` environment variable, and is
+read only when a split is first loaded: registering touches no file.
 
 Rows become `{input, label_gt, label_llm, rationale}`. On validation and test
 splits `label_llm` is the gold label: models are always evaluated against
@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import seqio
 
+from dsbs_jax import storage
 from dsbs_jax.data import metrics, splits, tasks, teacher
 from dsbs_jax.errors import ConfigError, DataError
 
@@ -97,22 +98,20 @@ def resolve_root(root: Optional[str]) -> str:
   return root
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """JSON-lines rows; a bad line raises naming the file and line."""
-  if not os.path.exists(path):
-    raise DataError(f'{path}: file not found')
+def read_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:
+  """(line number, row) of each JSON-lines row; blank lines are skipped but counted, and a
+  bad line raises naming the file and line."""
   rows = []
-  with open(path, encoding='utf-8') as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f'{path}:{number}: not valid JSON ({e.msg})') from None
-      if not isinstance(row, dict):
-        raise DataError(f'{path}:{number}: expected a JSON object, got {type(row).__name__}')
-      rows.append(row)
+  for number, line in enumerate(storage.read_text(path).splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f'{path}:{number}: not valid JSON ({e.msg})') from None
+    if not isinstance(row, dict):
+      raise DataError(f'{path}:{number}: expected a JSON object, got {type(row).__name__}')
+    rows.append((number, row))
   return rows
 
 
@@ -120,17 +119,16 @@ def read_teacher_outputs(directory: str, file_split: str, chunk_size: int) -> li
   """`<split>_CoT_0.json`, `_1`, ... concatenated; every chunk but the last is full."""
   outputs: list[str] = []
   paths = []
-  while os.path.exists(path := os.path.join(directory, f'{file_split}_CoT_{len(paths)}.json')):
+  while storage.exists(path := os.path.join(directory, f'{file_split}_CoT_{len(paths)}.json')):
     paths.append(path)
   if not paths:
     raise DataError(f'{os.path.join(directory, file_split + "_CoT_0.json")}: file not found '
                     f'(the teacher outputs for this split)')
   for i, path in enumerate(paths):
-    with open(path, encoding='utf-8') as f:
-      try:
-        chunk = json.load(f)
-      except json.JSONDecodeError as e:
-        raise DataError(f'{path}:{e.lineno}: not valid JSON ({e.msg})') from None
+    try:
+      chunk = json.loads(storage.read_text(path))
+    except json.JSONDecodeError as e:
+      raise DataError(f'{path}:{e.lineno}: not valid JSON ({e.msg})') from None
     if not isinstance(chunk, list) or not all(isinstance(o, str) for o in chunk):
       raise DataError(f'{path}: expected a JSON list of strings (raw teacher completions)')
     if i < len(paths) - 1 and len(chunk) != chunk_size:
@@ -147,14 +145,13 @@ def load_split(benchmark: Benchmark, root: str, split: str
   directory = os.path.join(root, benchmark.name)
   path = os.path.join(directory, f'{benchmark.name}_{file_split}.json')
   raw = read_jsonl(path)
-  outputs = read_teacher_outputs(os.path.join(directory, 'llm'), file_split,
-                                 benchmark.chunk_size)
+  outputs = read_teacher_outputs(os.path.join(directory, 'llm'), file_split, benchmark.chunk_size)
   if len(outputs) != len(raw):
     raise DataError(f'{path}: {len(raw)} rows but {len(outputs)} teacher outputs in '
                     f'{directory}/llm/{file_split}_CoT_*.json; they must align one to one')
   parsed = [benchmark.parse(o) for o in outputs]
   rows = []
-  for number, (row, out) in enumerate(zip(raw, parsed), start=1):
+  for (number, row), out in zip(raw, parsed):
     text, gold = benchmark.example(row, f'{path}:{number}')
     rows.append({'input': text, 'label_gt': gold, 'label_llm': out.label,
                  'rationale': out.rationale})
@@ -198,10 +195,6 @@ def register(name: str, *, root: Optional[str] = None, train_fraction: float = 1
       rationale_metric_fns=[metrics.rouge])
 
 
-for _name in BENCHMARKS:
-  register(_name)
-
-
 def main(argv: Sequence[str]) -> None:
   """Prints, per available split, the parse report and the teacher's label accuracy."""
   import argparse
@@ -213,7 +206,7 @@ def main(argv: Sequence[str]) -> None:
   for name in args.datasets:
     benchmark = BENCHMARKS[name]
     for split, file_split in _FILE_SPLITS.items():
-      if not os.path.exists(os.path.join(root, name, f'{name}_{file_split}.json')):
+      if not storage.exists(os.path.join(root, name, f'{name}_{file_split}.json')):
         continue
       examples, report = load_split(benchmark, root, split)
       score = benchmark.label_metric([r['label_gt'] for r in examples],

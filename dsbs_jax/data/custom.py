@@ -18,39 +18,45 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import os
 from typing import Any, Mapping, Optional
 
 import seqio
 
+from dsbs_jax import storage
 from dsbs_jax.data import benchmarks, metrics, splits, tasks
 from dsbs_jax.errors import ConfigError, DataError
 
 METRICS = {'accuracy': metrics.accuracy, 'equation_accuracy': metrics.equation_accuracy}
 _FILE_TYPES = ('.jsonl', '.json', '.csv')
+SPLITS = ('train', 'validation', 'test')
 _HF_SPLIT_NAMES = {'train': ('train',), 'validation': ('validation', 'valid', 'dev'),
                    'test': ('test',)}
 
 
 def _read_csv(path: str) -> list[tuple[int, dict[str, Any]]]:
-  if not os.path.exists(path):
-    raise DataError(f'{path}: file not found')
-  with open(path, encoding='utf-8', newline='') as f:
-    reader = csv.DictReader(f)
-    return [(reader.line_num, row) for row in reader]
+  """(line number, row) of each CSV record; a record spanning lines has its last line's."""
+  reader = csv.DictReader(io.StringIO(storage.read_text(path), newline=''))
+  rows = []
+  try:
+    for row in reader:
+      rows.append((reader.line_num, row))
+  except csv.Error as e:
+    raise DataError(f'{path}:{reader.line_num}: not valid CSV ({e})') from None
+  return rows
 
 
 def _read_file(path: str) -> list[tuple[str, dict[str, Any]]]:
   """(`file:line` location, row) pairs from a .jsonl/.json or .csv file."""
-  if path.endswith('.csv'):
-    return [(f'{path}:{line}', row) for line, row in _read_csv(path)]
-  return [(f'{path}:{i}', row) for i, row in enumerate(benchmarks.read_jsonl(path), start=1)]
+  rows = _read_csv(path) if path.endswith('.csv') else benchmarks.read_jsonl(path)
+  return [(f'{path}:{line}', row) for line, row in rows]
 
 
 @functools.lru_cache(maxsize=8)
 def _hf_dataset(path: str, config: Optional[str]) -> Any:
   import datasets
-  if os.path.exists(os.path.join(path, 'dataset_dict.json')):
+  if storage.exists(os.path.join(path, 'dataset_dict.json')):
     return datasets.load_from_disk(path)
   return datasets.load_dataset(path, config)
 
@@ -91,8 +97,13 @@ def register(name: str, *, files: Optional[Mapping[str, str]] = None,
   """Registers `name`'s family from files (`{'train': path, ...}`) or an HF dataset."""
   if (files is None) == (hf_dataset is None):
     raise ConfigError(f'{name}: give exactly one of files= and hf_dataset=')
-  if files is not None and not {'train', 'test'} <= set(files):
-    raise ConfigError(f'{name}: files= needs at least "train" and "test"; got {sorted(files)}')
+  if files is not None:
+    unknown = sorted(set(files) - set(SPLITS))
+    if unknown:
+      raise ConfigError(f'{name}: files= has unknown split {", ".join(map(repr, unknown))}; '
+                        f'the splits are {", ".join(map(repr, SPLITS))}')
+    if not {'train', 'test'} <= set(files):
+      raise ConfigError(f'{name}: files= needs at least "train" and "test"; got {sorted(files)}')
   for path in (files or {}).values():
     if not path.endswith(_FILE_TYPES):
       raise ConfigError(f'{path}: unsupported file type; use .jsonl, .json (JSON lines) or .csv')
@@ -115,7 +126,7 @@ def register(name: str, *, files: Optional[Mapping[str, str]] = None,
     return selected if split == 'train' else splits.gold_targets(selected)
 
   return tasks.register_step_by_step(
-      name, tasks.rows_source(load, ('train', 'validation', 'test')), vocabulary,
+      name, tasks.rows_source(load, SPLITS), vocabulary,
       label_fields={src: f'label_{src}' for src in label_fields},
       label_metric_fns=[METRICS[metric]], rationale_metric_fns=[metrics.rouge])
 

@@ -123,6 +123,3 @@ def register(vocabulary: seqio.Vocabulary = seqio.ByteVocabulary(),
       name, source, vocabulary, label_fields={'gt': 'label'},
       label_metric_fns=[metrics.equation_accuracy],
       rationale_metric_fns=[metrics.rouge])
-
-
-register()

@@ -12,11 +12,17 @@ Distilling step-by-step trains on `{name}_llm_step_by_step` (or `_gt_` with
 gold labels); standard finetuning on `{name}_gt_standard`, standard
 distillation on `{name}_llm_standard`. `FAMILIES` is the one list of what is
 registered; `dsbs-train --list_tasks` prints it.
+
+Families are registered on request: a gin/tasks/* file sets `DATASET` to a
+registering call, and `select` (the gin macro `MIXTURE_OR_TASK_NAME`'s
+resolver) evaluates it, so its settings (data root, train fraction, seeds,
+vocabulary) always take effect, and a name that contradicts them is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -25,6 +31,7 @@ import tensorflow as tf
 
 from dsbs_jax import losses
 from dsbs_jax.data.feature_converters import TASK_ID
+from dsbs_jax.errors import ConfigError
 
 LABEL_PREFIX = 'predict: '
 RATIONALE_PREFIX = 'explain: '
@@ -117,11 +124,70 @@ FAMILIES: dict[str, StepByStepFamily] = {}
 def task_name(dataset: str | StepByStepFamily, variant: str, label_source: str = 'gt') -> str:
   """The registered name for a dataset (or its family), variant and label source."""
   if variant not in VARIANTS:
-    raise ValueError(f'Unknown task variant {variant!r}; choose from {VARIANTS}')
+    raise ConfigError(f'TASK_VARIANT {variant!r} is unknown; choose from {", ".join(VARIANTS)}')
   name = dataset.name if isinstance(dataset, StepByStepFamily) else dataset
+  if isinstance(dataset, StepByStepFamily) and variant != 'rationale' and (
+      label_source not in dataset.label_tasks):
+    raise ConfigError(f'LABEL_SOURCE {label_source!r}: {name} has labels from '
+                      f'{", ".join(sorted(dataset.label_tasks))}')
   if variant == 'rationale':
     return f'{name}_rationale'
   return f'{name}_{label_source}_{variant}'
+
+
+def registered_names() -> list[str]:
+  return sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+
+
+def select(dataset: Optional[StepByStepFamily] = None, variant: str = 'step_by_step',
+           label_source: str = 'gt', name: Optional[str] = None) -> str:
+  """The task or mixture a run trains on (gin: `MIXTURE_OR_TASK_NAME = @tasks.select()`).
+
+  `dataset` is the family a gin/tasks/* file registered (`DATASET`); evaluating
+  it here registers it with that file's settings. `name` is a name the user
+  gave (`dsbs-train --gin.MIXTURE_OR_TASK_NAME=...` arrives here): it must be the
+  one `DATASET`, `TASK_VARIANT` and `LABEL_SOURCE` select, or, with no
+  `DATASET`, any registered SeqIO task or mixture (e.g. one that the user's own
+  module registers).
+  """
+  if dataset is None:
+    if name is None:
+      raise ConfigError('no training data: include a gin/tasks/* file (it sets DATASET), or set '
+                        'MIXTURE_OR_TASK_NAME to a registered SeqIO task or mixture')
+    check_registered(name)
+    return name
+  selected = task_name(dataset, variant, label_source)
+  if name is not None and name != selected:
+    raise ConfigError(f'MIXTURE_OR_TASK_NAME {name!r} disagrees with DATASET ({dataset.name}), '
+                      f'TASK_VARIANT ({variant!r}) and LABEL_SOURCE ({label_source!r}), which '
+                      f'select {selected!r}; set those instead, or leave MIXTURE_OR_TASK_NAME '
+                      'unset')
+  return selected
+
+
+def check_registered(name: str) -> None:
+  known = registered_names()
+  if name not in known:
+    close = difflib.get_close_matches(name, known, n=5)
+    hint = f' Did you mean: {", ".join(close)}?' if close else ''
+    raise ConfigError(f'{name!r} is not a registered SeqIO task or mixture.{hint} '
+                      '(`dsbs-train --list_tasks` lists them.)')
+
+
+def family_of(mixture_or_task_name: str) -> Optional[StepByStepFamily]:
+  for family in FAMILIES.values():
+    if mixture_or_task_name in family.names:
+      return family
+  return None
+
+
+def has_rationales(mixture_or_task_name: str) -> bool:
+  """Whether training on this task or mixture sees rationale examples."""
+  family = family_of(mixture_or_task_name)
+  if family is None:
+    return False
+  return (mixture_or_task_name == family.rationale_task
+          or mixture_or_task_name in family.mixtures.values())
 
 
 def evaluation_tasks(mixture_or_task_name: str, rationales: bool = False) -> list[str]:

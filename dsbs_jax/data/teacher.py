@@ -59,7 +59,8 @@ def parse_anli(output: str) -> TeacherOutput:
   if split is None:
     return TeacherOutput('', '', False)
   rationale, answer = split
-  return TeacherOutput(rationale.rstrip(), answer.lstrip()[:-1], True)
+  label = answer.lstrip()[:-1]
+  return TeacherOutput(rationale.rstrip(), label, bool(label.strip()))
 
 
 def parse_esnli(output: str) -> TeacherOutput:
@@ -68,7 +69,8 @@ def parse_esnli(output: str) -> TeacherOutput:
   pieces = output.split('Answer: ')
   if len(pieces) < 2:
     return TeacherOutput(rationale, ' ', False)
-  return TeacherOutput(rationale, pieces[1].split('Premise')[0].rstrip(), True)
+  label = pieces[1].split('Premise')[0].rstrip()
+  return TeacherOutput(rationale, label, bool(label.strip()))
 
 
 PARSERS: Mapping[str, Callable[[str], TeacherOutput]] = {

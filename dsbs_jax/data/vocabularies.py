@@ -6,34 +6,44 @@ extra ids). A student trained from scratch may instead use bytes, or a model
 trained on its task's text:
 
     python -m dsbs_jax.data.vocabularies --task=cqa_llm_step_by_step \
-        --output=/tmp/cqa_spm --vocab_size=8000
+        --data_root=/path/to/datasets --output=/tmp/cqa_spm --vocab_size=8000
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import os
 from typing import Iterator, Sequence
 
 import seqio
 import sentencepiece as spm
-import tensorflow as tf
+from google.protobuf import message
 
-from dsbs_jax.errors import ConfigError
+from dsbs_jax import storage
+from dsbs_jax.errors import ConfigError, DataError
 
 T5_SENTENCEPIECE = 'gs://t5-data/vocabs/cc_all.32000/sentencepiece.model'
 
 
 def sentencepiece(path: str, extra_ids: int = 100) -> seqio.SentencePieceVocabulary:
-  """The SentencePiece model at `path` (local or gs://), checked to exist up front."""
+  """The SentencePiece model at `path` (local or a URL such as gs://), checked up front.
+
+  SeqIO opens the model with TensorFlow's gfile; a URL is first copied to a local
+  cache through `storage`, so every path dsbs-jax takes is read the same way.
+  """
   try:
-    found = tf.io.gfile.exists(path)
-  except tf.errors.OpError as e:
-    raise ConfigError(f'SentencePiece model {path!r} cannot be read: {e.message}') from None
-  if not found:
-    raise ConfigError(f'SentencePiece model {path!r} not found')
-  return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+    local = storage.local_copy(path)
+  except DataError:
+    raise ConfigError(f'SENTENCEPIECE_MODEL {path!r} not found') from None
+  except OSError as e:
+    raise ConfigError(f'SENTENCEPIECE_MODEL {path!r} cannot be read: {e}') from None
+  vocabulary = seqio.SentencePieceVocabulary(local, extra_ids=extra_ids)
+  try:
+    vocabulary.vocab_size  # parses the model
+  except (message.DecodeError, RuntimeError, OSError) as e:
+    raise ConfigError(f'SENTENCEPIECE_MODEL {path!r} is not a SentencePiece model: '
+                      f'{str(e).splitlines()[0]}') from None
+  return vocabulary
 
 
 def task_texts(mixture_or_task_name: str, split: str = 'train') -> Iterator[str]:
@@ -60,21 +70,21 @@ def train_sentencepiece(texts: Iterator[str], output_prefix: str, vocab_size: in
       vocab_size=vocab_size, model_type='unigram', character_coverage=1.0,
       pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False)
   path = output_prefix + '.model'
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'wb') as f:
-    f.write(model.getvalue())
+  storage.write_atomic(path, model.getvalue())
   return path
 
 
 def main(argv: Sequence[str]) -> None:
   """Trains a SentencePiece model on a registered task's training text."""
-  import dsbs_jax.data.benchmarks  # noqa: F401  registers the paper's tasks
-  import dsbs_jax.data.demo  # noqa: F401  registers the demo
   parser = argparse.ArgumentParser(description=main.__doc__)
   parser.add_argument('--task', required=True)
   parser.add_argument('--output', required=True, help='path prefix; writes <output>.model')
   parser.add_argument('--vocab_size', type=int, default=8000)
+  parser.add_argument('--data_root', default=None, help='the released datasets (default: '
+                      '$DSBS_DATA_ROOT), for the paper\'s tasks')
   args = parser.parse_args(argv)
+  from dsbs_jax.data import catalog
+  catalog.register_for(args.task, args.data_root)
   path = train_sentencepiece(task_texts(args.task), args.output, args.vocab_size)
   vocab = seqio.SentencePieceVocabulary(path)
   print(f'wrote {path}: {vocab.vocab_size} ids; set VOCABULARY = '
