@@ -19,10 +19,11 @@ import os
 from typing import Any, Callable, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from dsbs_jax import hf_checkpoint, storage
+from dsbs_jax import hf_checkpoint, storage, t5x_checkpoints
 from dsbs_jax.errors import ConfigError
 from dsbs_jax.network import T5Config
 
@@ -228,10 +229,12 @@ def load_initial_params(path: str, config: T5Config, abstract_params: Any) -> An
   """Params to start a run from (gin: INITIAL_CHECKPOINT_PATH), placed as `abstract_params`
   (shapes and shardings) says.
 
-  `path` is a HuggingFace `save_pretrained` directory, or a dsbs-jax checkpoints
-  directory or MODEL_DIR (its newest restorable step). The checkpoint's network
-  config must agree with `config` in every field that gives the weights their
-  meaning; each field that differs is named.
+  `path` is a HuggingFace `save_pretrained` directory, a dsbs-jax checkpoints
+  directory or MODEL_DIR (its newest restorable step), or a T5X checkpoint (a
+  `checkpoint_<step>` directory, or a T5X MODEL_DIR; `t5x_checkpoints`). A
+  checkpoint's network config must agree with `config` in every field that gives
+  the weights their meaning, each field that differs named; T5X checkpoints record
+  none, so their parameter names and shapes are checked.
   """
   setting = f'INITIAL_CHECKPOINT_PATH {path}'
   if storage.exists(os.path.join(path, 'config.json')):
@@ -241,12 +244,13 @@ def load_initial_params(path: str, config: T5Config, abstract_params: Any) -> An
       raise ConfigError(f'{setting}: the model differs from its config.json in '
                         f'{"; ".join(mismatch)}; choose the matching gin/models file')
     _, params = hf_checkpoint.load_hf_checkpoint(path)
-    return jax.tree_util.tree_map(lambda x, a: jax.device_put(x, a.sharding), params,
-                                  abstract_params)
+    return _placed(setting, params, abstract_params)
   directory = checkpoint_directory(path)
   if directory is None:
-    raise ConfigError(f'{setting}: neither a HF save_pretrained directory (config.json) nor a '
-                      'dsbs-jax checkpoints directory or MODEL_DIR')
+    if t5x_checkpoints.find(path) is not None:
+      return _placed(setting, t5x_checkpoints.read_params(path), abstract_params)
+    raise ConfigError(f'{setting}: neither a HF save_pretrained directory (config.json), a '
+                      'dsbs-jax MODEL_DIR or checkpoints directory, nor a T5X checkpoint')
   checkpointer = Checkpointer(directory, async_save=False)
   try:
     saved = checkpointer.metadata(checkpointer.latest_step()).get('model_config')
@@ -258,6 +262,25 @@ def load_initial_params(path: str, config: T5Config, abstract_params: Any) -> An
     return checkpointer.restore_params(abstract_params)
   finally:
     checkpointer.close()
+
+
+def _placed(setting: str, params: Any, abstract_params: Any) -> Any:
+  """`params` on the devices `abstract_params` says, once their names and shapes agree."""
+  def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    return {jax.tree_util.keystr(p, simple=True, separator='/'): tuple(np.shape(x))
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  ours, theirs = shapes(abstract_params), shapes(params)
+  problems = ([f'{k} missing' for k in sorted(set(ours) - set(theirs))]
+              + [f'{k} unexpected' for k in sorted(set(theirs) - set(ours))]
+              + [f'{k} is {theirs[k]} there, {ours[k]} here'
+                 for k in sorted(set(ours) & set(theirs)) if theirs[k] != ours[k]])
+  if problems:
+    more = f' (and {len(problems) - 4} more)' if len(problems) > 4 else ''
+    raise ConfigError(f'{setting}: its parameters do not fit the model: '
+                      f'{"; ".join(problems[:4])}{more}; choose the matching gin/models file')
+  return jax.tree_util.tree_map(lambda x, a: jax.device_put(np.asarray(x), a.sharding), params,
+                                abstract_params)
 
 
 def config_to_dict(config: T5Config) -> dict[str, Any]:

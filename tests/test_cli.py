@@ -1,8 +1,11 @@
 """The command line's contract: every setting takes effect or is refused, and a user error
 is one line on stderr with exit status 2."""
 
+import glob
 import json
+import os
 
+import gin
 import pytest
 import seqio
 
@@ -178,3 +181,25 @@ def test_gin_dot_flags_are_rewritten_as_bindings():
 def test_missing_required_binding(tmp_path, capsys, args, missing):
   line = _one_line_error(capsys, *args, f"--gin.MODEL_DIR='{tmp_path}'")
   assert missing in line
+
+
+class _Syntax(gin.config_parser.ParserDelegate):
+  def configurable_reference(self, scoped_configurable_name, evaluate):
+    return scoped_configurable_name
+
+  def macro(self, macro_name):
+    return macro_name
+
+
+def test_every_gin_file_parses_and_its_includes_exist():
+  """Syntax and includes of every shipped file, the T5X ones too (which only t5x can load)."""
+  root = gin_utils.shipped_gin_dir()
+  files = glob.glob(os.path.join(root, '**', '*.gin'), recursive=True)
+  assert len(files) > 25
+  for path in files:
+    with open(path) as f:
+      statements = list(gin.config_parser.ConfigParser(f, _Syntax()))
+    for s in statements:
+      if isinstance(s, gin.config_parser.IncludeStatement) and not s.filename.startswith(
+          't5x/configs/'):
+        assert os.path.isfile(os.path.join(root, s.filename)), (path, s.filename)

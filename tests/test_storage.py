@@ -1,6 +1,7 @@
 """Paths are URLs: every file a run reads or writes, on a real Cloud Storage API on loopback
 (fake-gcs-server), through gcsfs (etils.epath) and TensorStore (Orbax's arrays)."""
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -37,6 +38,17 @@ def test_files_round_trip_on_the_emulator(gcs):
   assert storage.check_writable('gs://dsbs/unit/dir', 'MODEL_DIR').name == 'dir'
   with pytest.raises(ConfigError, match="MODEL_DIR 'gs://no-such-bucket/x' cannot be written"):
     storage.check_writable('gs://no-such-bucket/x', 'MODEL_DIR')
+
+
+def test_processes_probe_one_model_dir_at_the_same_time(tmp_path):
+  """Every process of a multi-host run checks the shared MODEL_DIR as it starts; one
+  shared probe file once raced (one process removed it under another)."""
+  def probe_many(_):
+    for _ in range(200):
+      storage.check_writable(str(tmp_path / 'run'), 'MODEL_DIR')
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    list(pool.map(probe_many, range(4)))
+  assert os.listdir(tmp_path / 'run') == []
 
 
 def test_tensorboard_events_on_the_emulator_read_back(gcs, tmp_path):

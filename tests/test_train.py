@@ -92,7 +92,7 @@ def test_short_run_learns_writes_outputs_and_resumes(tmp_path, capsys):
 
 
 def _exports_to_huggingface(checkpoint, step, output, capsys):
-  """dsbs-export-hf writes a directory transformers loads, computing our logits."""
+  """dsbs-export writes a directory transformers loads, computing our logits."""
   torch = pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
   from dsbs_jax import export, network
