@@ -5,7 +5,7 @@ their PaLM rationales), and our packed batches of them. Needs seqio and TensorFl
 from __future__ import annotations
 
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import seqio
 import tensorflow as tf
@@ -24,8 +24,9 @@ def vocab_shape() -> dict[str, int]:
 
 
 def data_root() -> str:
-  return os.environ.get(benchmarks.DATA_ROOT_ENV) or os.path.join(harness.REPO, '..', 'shared',
-                                                                   'datasets')
+  return os.environ.get(benchmarks.DATA_ROOT_ENV) or os.path.join(
+      harness.REPO, '..', 'shared', 'datasets'
+  )
 
 
 def encode(text: str, limit: int) -> list[int]:
@@ -33,37 +34,53 @@ def encode(text: str, limit: int) -> list[int]:
   ids: list[int] = []
   for i, part in enumerate(text.split(tasks.SEPARATOR)):
     ids += ([VOCAB.eos_id] if i else []) + VOCAB.encode(part)
-  return ids[:limit - 1] + [VOCAB.eos_id]
+  return [*ids[: limit - 1], VOCAB.eos_id]
 
 
-def examples(datasets: Sequence[str], split: str, lengths: dict[str, int],
-             limit: int | None = None) -> list[dict[str, list[int]]]:
+def examples(
+    datasets: Sequence[str], split: str, lengths: dict[str, int], limit: int | None = None
+) -> list[dict[str, list[int]]]:
   """Real rows as token ids: predict/explain inputs, label and rationale targets (with EOS),
   truncated to `lengths`, interleaved across datasets; at most `limit` of them."""
   per_dataset = []
   for name in datasets:
     rows = benchmarks.split_rows(name, split, root=data_root())[:limit]
-    per_dataset.append([{
-        'predict': encode(tasks.LABEL_PREFIX + r['input'], lengths['inputs']),
-        'explain': encode(tasks.RATIONALE_PREFIX + r['input'], lengths['inputs']),
-        'label': encode(r['label_llm'], lengths['targets']),
-        'rationale': encode(r['rationale'], lengths['targets'])} for r in rows])
-  return [ex for group in zip(*per_dataset) for ex in group][:limit]
+    per_dataset.append(
+        [
+            {
+                'predict': encode(tasks.LABEL_PREFIX + r['input'], lengths['inputs']),
+                'explain': encode(tasks.RATIONALE_PREFIX + r['input'], lengths['inputs']),
+                'label': encode(r['label_llm'], lengths['targets']),
+                'rationale': encode(r['rationale'], lengths['targets']),
+            }
+            for r in rows
+        ]
+    )
+  return [ex for group in zip(*per_dataset, strict=False) for ex in group][:limit]
 
 
-def packed_batches(rows: Sequence[dict[str, list[int]]], lengths: dict[str, int],
-                   batch_size: int, rationale: bool = True) -> Iterator[tuple[dict, int]]:
+def packed_batches(
+    rows: Sequence[dict[str, list[int]]],
+    lengths: dict[str, int],
+    batch_size: int,
+    rationale: bool = True,
+) -> Iterator[tuple[dict, int]]:
   """Our input: the same examples' two tasks packed into fixed-shape rows.
 
   Yields (batch, examples in it), counting an example once per task half, /2
   for step-by-step, so examples/s compares with the reference's batch.
   """
+
   def gen():
     for r in rows:
       yield {'inputs': r['predict'], 'targets': r['label'], 'task_id': [losses.LABEL_TASK]}
       if rationale:
-        yield {'inputs': r['explain'], 'targets': r['rationale'],
-               'task_id': [losses.RATIONALE_TASK]}
+        yield {
+            'inputs': r['explain'],
+            'targets': r['rationale'],
+            'task_id': [losses.RATIONALE_TASK],
+        }
+
   spec = {k: tf.TensorSpec([None], tf.int32) for k in ('inputs', 'targets', 'task_id')}
   ds = tf.data.Dataset.from_generator(gen, output_signature=spec)
   ds = StepByStepFeatureConverter(pack=True)(ds, {**lengths, 'task_id': 1})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import math
 import os
@@ -19,7 +20,8 @@ import subprocess
 import sys
 import time
 import types
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.extend
@@ -37,24 +39,49 @@ os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {
     # T5 v1.1 small with the byte vocabulary both sides use.
-    'small': network.T5Config(vocab_size=384, emb_dim=512, num_heads=6, num_encoder_layers=8,
-                              num_decoder_layers=8, head_dim=64, mlp_dim=1024,
-                              dropout_rate=0.0),
+    'small': network.T5Config(
+        vocab_size=384,
+        emb_dim=512,
+        num_heads=6,
+        num_encoder_layers=8,
+        num_decoder_layers=8,
+        head_dim=64,
+        mlp_dim=1024,
+        dropout_rate=0.0,
+    ),
     # A config that runs in seconds on a CPU.
-    'mini': network.T5Config(vocab_size=384, emb_dim=128, num_heads=4, num_encoder_layers=2,
-                             num_decoder_layers=2, head_dim=32, mlp_dim=512, dropout_rate=0.0),
+    'mini': network.T5Config(
+        vocab_size=384,
+        emb_dim=128,
+        num_heads=4,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        head_dim=32,
+        mlp_dim=512,
+        dropout_rate=0.0,
+    ),
     # T5 v1.1 base, for a GPU.
-    'base': network.T5Config(vocab_size=384, emb_dim=768, num_heads=12, num_encoder_layers=12,
-                             num_decoder_layers=12, head_dim=64, mlp_dim=2048,
-                             dropout_rate=0.0),
+    'base': network.T5Config(
+        vocab_size=384,
+        emb_dim=768,
+        num_heads=12,
+        num_encoder_layers=12,
+        num_decoder_layers=12,
+        head_dim=64,
+        mlp_dim=2048,
+        dropout_rate=0.0,
+    ),
 }
 
 
 def add_shared_flags(parser: argparse.ArgumentParser) -> None:
   """The flags the train and decode benches share: `--prepared` inputs, and the hidden
   `--memory_side` their memory child processes run with (`children_memory`)."""
-  parser.add_argument('--prepared', help='inputs file: read when it exists, else written '
-                                          '(built from DSBS_DATA_ROOT, which needs TensorFlow)')
+  parser.add_argument(
+      '--prepared',
+      help='inputs file: read when it exists, else written '
+      '(built from DSBS_DATA_ROOT, which needs TensorFlow)',
+  )
   parser.add_argument('--memory_side', choices=['ours', 'reference'], help=argparse.SUPPRESS)
 
 
@@ -62,8 +89,7 @@ def on_gpu() -> bool:
   return jax.default_backend() == 'gpu'
 
 
-def student(config: network.T5Config, vocab: Mapping[str, int], **kwargs
-            ) -> models.StepByStepModel:
+def student(config: network.T5Config, vocab: Mapping[str, int], **kwargs) -> models.StepByStepModel:
   """Our model over `config`. `vocab` holds the two numbers the model reads of seqio's
   ByteVocabulary (`examples.vocab_shape()`), so building it needs no seqio."""
   shape = types.SimpleNamespace(**vocab)
@@ -109,16 +135,21 @@ def prepared(path: str | None, key: Mapping[str, Any], build: Callable[[], Any])
     with np.load(path, allow_pickle=False) as saved:
       description = json.loads(saved['structure'].tobytes().decode('utf-8'))
       if description['key'] != key:
-        raise ValueError(f'{path} was prepared for {description["key"]}, not {key}: pass '
-                         'another --prepared path or delete this one')
+        raise ValueError(
+            f'{path} was prepared for {description["key"]}, not {key}: pass '
+            'another --prepared path or delete this one'
+        )
       return _decode(description['inputs'], saved)
   inputs = build()
   if path:
     arrays: list[np.ndarray] = []
     description = json.dumps({'key': key, 'inputs': _encode(inputs, arrays)})
     with open(path, 'wb') as f:
-      np.savez(f, structure=np.frombuffer(description.encode('utf-8'), np.uint8),
-               **{f'a{i}': a for i, a in enumerate(arrays)})
+      np.savez(
+          f,
+          structure=np.frombuffer(description.encode('utf-8'), np.uint8),
+          **{f'a{i}': a for i, a in enumerate(arrays)},
+      )
   return inputs
 
 
@@ -126,25 +157,31 @@ def same_weights(config: network.T5Config, seed: int = 0) -> tuple[Any, Any]:
   """(HF torch model, our params) holding identical weights."""
   model = reference_torch.build_model(hf_checkpoint.config_to_hf(config), seed)
   state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-  return model.to(reference_torch.device()), hf_checkpoint.params_from_hf_state_dict(state,
-                                                                                      config)
+  return model.to(reference_torch.device()), hf_checkpoint.params_from_hf_state_dict(state, config)
 
 
-def forward_flops_per_token(config: network.T5Config, enc_len: int, dec_len: int
-                            ) -> tuple[float, float]:
+def forward_flops_per_token(
+    config: network.T5Config, enc_len: int, dec_len: int
+) -> tuple[float, float]:
   """(encoder, decoder) forward FLOPs per real token: 2 x matmul weights + attention."""
   inner = config.num_heads * config.head_dim
   mlp_mats = len(config.mlp_activations) + 1
-  enc = 2 * (4 * config.emb_dim * inner + mlp_mats * config.emb_dim * config.mlp_dim) \
+  enc = (
+      2 * (4 * config.emb_dim * inner + mlp_mats * config.emb_dim * config.mlp_dim)
       + 4 * inner * enc_len
-  dec = 2 * (8 * config.emb_dim * inner + mlp_mats * config.emb_dim * config.mlp_dim) \
-      + 4 * inner * (dec_len + enc_len)
-  return (config.num_encoder_layers * enc,
-          config.num_decoder_layers * dec + 2 * config.emb_dim * config.vocab_size)
+  )
+  dec = 2 * (
+      8 * config.emb_dim * inner + mlp_mats * config.emb_dim * config.mlp_dim
+  ) + 4 * inner * (dec_len + enc_len)
+  return (
+      config.num_encoder_layers * enc,
+      config.num_decoder_layers * dec + 2 * config.emb_dim * config.vocab_size,
+  )
 
 
-def train_flops(config: network.T5Config, enc_tokens: float, dec_tokens: float,
-                enc_len: int, dec_len: int) -> float:
+def train_flops(
+    config: network.T5Config, enc_tokens: float, dec_tokens: float, enc_len: int, dec_len: int
+) -> float:
   """Model FLOPs of a train step on these real tokens (backward = 2 x forward)."""
   enc, dec = forward_flops_per_token(config, enc_len, dec_len)
   return 3 * (enc * enc_tokens + dec * dec_tokens)
@@ -216,23 +253,30 @@ def matmul_seconds(found: collections.Counter[Matmul], repeats: int = 3) -> floa
   f = jax.jit(jnp.matmul)
   total = 0.0
   for (dtype, b, m, k, n), count in found.items():
-    lhs, rhs = jnp.ones((b, m, k), dtype), jnp.ones((b, k, n), dtype)
-    f(lhs, rhs).block_until_ready()
-    total += count * min(_time(lambda: f(lhs, rhs).block_until_ready()) for _ in range(repeats))
+    run = functools.partial(_blocking, f, jnp.ones((b, m, k), dtype), jnp.ones((b, k, n), dtype))
+    run()
+    total += count * min(_time(run) for _ in range(repeats))
   return total
 
 
-def matmuls_alone(seconds: float, report: Mapping[str, Mapping[str, float]]
-                  ) -> dict[str, float]:
+def _blocking(f: Callable[..., Any], *args: Any) -> Any:
+  return f(*args).block_until_ready()
+
+
+def matmuls_alone(seconds: float, report: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
   """Our side of a train bench's `report` as it would be if its step's dot products,
   taking `seconds`, were all it ran: the ceiling of what faster non-matmul code,
   with the same padding, could bring against the reference."""
   ours = report['ours']
   speedup = ours['median_step_s'] / seconds
-  return {'median_step_s': seconds, 'examples_per_s': ours['examples_per_s'] * speedup,
-          'flop_utilisation': ours['flop_utilisation'] * speedup,
-          'examples_per_s_over_reference': (ours['examples_per_s'] * speedup
-                                            / report['reference']['examples_per_s'])}
+  return {
+      'median_step_s': seconds,
+      'examples_per_s': ours['examples_per_s'] * speedup,
+      'flop_utilisation': ours['flop_utilisation'] * speedup,
+      'examples_per_s_over_reference': (
+          ours['examples_per_s'] * speedup / report['reference']['examples_per_s']
+      ),
+  }
 
 
 _START = time.perf_counter()
@@ -303,18 +347,25 @@ def children_memory(script: str, flags: Sequence[str]) -> dict[str, dict[str, fl
   for side in ('ours', 'reference'):
     progress(f'peak memory of {side} (a child process)')
     child = json.loads(run_child([script, *flags, f'--memory_side={side}']).splitlines()[-1])
-    memory[side] = {'peak_memory_bytes': child['peak_bytes'],
-                    'step_memory_bytes': child['peak_bytes'] - child['setup_bytes']}
+    memory[side] = {
+        'peak_memory_bytes': child['peak_bytes'],
+        'step_memory_bytes': child['peak_bytes'] - child['setup_bytes'],
+    }
   return memory
 
 
 def machine(matmul_peak: float | None = None) -> dict[str, Any]:
   """The JSON's description of where it ran."""
-  return {'cpu': platform.processor() or platform.machine(), 'cores': os.cpu_count(),
-          'jax_backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
-          'jax': jax.__version__, 'torch': torch.__version__,
-          'memory': 'device allocator peak' if on_gpu() else 'process RSS peak',
-          **({'matmul_peak_flops_per_s': matmul_peak} if matmul_peak else {})}
+  return {
+      'cpu': platform.processor() or platform.machine(),
+      'cores': os.cpu_count(),
+      'jax_backend': jax.default_backend(),
+      'device': jax.devices()[0].device_kind,
+      'jax': jax.__version__,
+      'torch': torch.__version__,
+      'memory': 'device allocator peak' if on_gpu() else 'process RSS peak',
+      **({'matmul_peak_flops_per_s': matmul_peak} if matmul_peak else {}),
+  }
 
 
 def _status_bytes(field: str) -> float:
@@ -329,8 +380,14 @@ def run_child(argv: Sequence[str]) -> str:
   """stdout of `python argv` run from the repository root."""
   path = os.pathsep.join(p for p in (os.environ.get('PYTHONPATH'), REPO) if p)
   try:
-    return subprocess.run([sys.executable, *argv], check=True, cwd=REPO, capture_output=True,
-                          text=True, env=dict(os.environ, PYTHONPATH=path)).stdout
+    return subprocess.run(
+        [sys.executable, *argv],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=path),
+    ).stdout
   except subprocess.CalledProcessError as error:
     error.add_note(f'its stderr ends with:\n{error.stderr[-4000:]}')
     raise

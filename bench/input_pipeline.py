@@ -14,14 +14,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import seqio  # noqa: E402
+import jax
+import numpy as np
+import seqio
 
-from bench import examples, harness  # noqa: E402
-from dsbs_jax import losses, optimizers, partitioning, trainer  # noqa: E402
-from dsbs_jax.data import benchmarks  # noqa: E402
-from dsbs_jax.data.feature_converters import StepByStepFeatureConverter  # noqa: E402
+from bench import examples, harness
+from dsbs_jax import losses, optimizers, partitioning, trainer
+from dsbs_jax.data import benchmarks
+from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
 
 
 def parse_args(argv=None):
@@ -40,10 +40,16 @@ def main(argv=None):
   args = parse_args(argv)
   benchmarks.register(args.mixture.split('_')[0], root=examples.data_root())
   lengths = {'inputs': args.inputs, 'targets': args.targets}
-  ds = seqio.get_dataset(args.mixture, task_feature_lengths=lengths, dataset_split='train',
-                         shuffle=True, num_epochs=None, seed=0,
-                         feature_converter=StepByStepFeatureConverter(pack=True),
-                         batch_size=args.rows)
+  ds = seqio.get_dataset(
+      args.mixture,
+      task_feature_lengths=lengths,
+      dataset_split='train',
+      shuffle=True,
+      num_epochs=None,
+      seed=0,
+      feature_converter=StepByStepFeatureConverter(pack=True),
+      batch_size=args.rows,
+  )
   it = ds.as_numpy_iterator()
   first = next(it)
   for _ in range(10):
@@ -54,10 +60,14 @@ def main(argv=None):
   pipeline_rate = args.batches / (time.perf_counter() - start)
 
   config = harness.CONFIGS[args.config]
-  model = harness.student(config, examples.vocab_shape(),
-                          task_weights=losses.task_weights(lambda_=1.0))
-  t = trainer.Trainer(model, optimizers.create_optimizer('adamw', 5e-5),
-                      partitioning.Partitioner(devices=jax.devices()[:1]))
+  model = harness.student(
+      config, examples.vocab_shape(), task_weights=losses.task_weights(lambda_=1.0)
+  )
+  t = trainer.Trainer(
+      model,
+      optimizers.create_optimizer('adamw', 5e-5),
+      partitioning.Partitioner(devices=jax.devices()[:1]),
+  )
   shapes = {k: first[k].shape for k in ('encoder_input_tokens', 'decoder_input_tokens')}
   state = t.create_state(shapes)
   step = t.compile_train_step(shapes)
@@ -71,11 +81,23 @@ def main(argv=None):
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   step_rate = 1.0 / float(np.median(times))
-  print(json.dumps({'benchmark': 'input_pipeline', 'mixture': args.mixture,
-                    'config': args.config, 'rows_per_batch': args.rows, 'lengths': lengths,
-                    'pipeline_batches_per_s': pipeline_rate, 'train_steps_per_s': step_rate,
-                    'headroom': pipeline_rate / step_rate, 'target_headroom': 5.0,
-                    'cores': os.cpu_count()}, indent=1))
+  print(
+      json.dumps(
+          {
+              'benchmark': 'input_pipeline',
+              'mixture': args.mixture,
+              'config': args.config,
+              'rows_per_batch': args.rows,
+              'lengths': lengths,
+              'pipeline_batches_per_s': pipeline_rate,
+              'train_steps_per_s': step_rate,
+              'headroom': pipeline_rate / step_rate,
+              'target_headroom': 5.0,
+              'cores': os.cpu_count(),
+          },
+          indent=1,
+      )
+  )
 
 
 if __name__ == '__main__':

@@ -22,7 +22,7 @@ the caller, so both implementations see identical data.
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import transformers
@@ -59,18 +59,24 @@ def pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
   return torch.tensor([list(r) + [value] * (longest - len(r)) for r in rows], dtype=torch.long)
 
 
-def half(inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]
-         ) -> dict[str, torch.Tensor]:
+def half(
+    inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]
+) -> dict[str, torch.Tensor]:
   """One task's half of a batch, padded to its own longest input and target."""
   input_ids = pad(inputs, 0)
-  return {'input_ids': input_ids, 'attention_mask': (input_ids != 0).long(),
-          'labels': pad(targets, IGNORE)}
+  return {
+      'input_ids': input_ids,
+      'attention_mask': (input_ids != 0).long(),
+      'labels': pad(targets, IGNORE),
+  }
 
 
-def step_by_step_loss(model: transformers.T5ForConditionalGeneration,
-                      label_half: dict[str, torch.Tensor],
-                      rationale_half: dict[str, torch.Tensor] | None,
-                      alpha: float = 0.5) -> torch.Tensor:
+def step_by_step_loss(
+    model: transformers.T5ForConditionalGeneration,
+    label_half: dict[str, torch.Tensor],
+    rationale_half: dict[str, torch.Tensor] | None,
+    alpha: float = 0.5,
+) -> torch.Tensor:
   """alpha * L_label + (1 - alpha) * L_rationale from two forward passes."""
   label_loss = model(**label_half).loss
   if rationale_half is None:
@@ -81,17 +87,24 @@ def step_by_step_loss(model: transformers.T5ForConditionalGeneration,
 class ReferenceTrainer:
   """AdamW steps of the reference objective."""
 
-  def __init__(self, model: transformers.T5ForConditionalGeneration, learning_rate: float = 5e-5,
-               alpha: float = 0.5, autocast_dtype: torch.dtype | None = None):
+  def __init__(
+      self,
+      model: transformers.T5ForConditionalGeneration,
+      learning_rate: float = 5e-5,
+      alpha: float = 0.5,
+      autocast_dtype: torch.dtype | None = None,
+  ):
     self.model = model.train()
     self.alpha = alpha
     self.autocast_dtype = autocast_dtype
     # HF's default optimizer since torch 2.8 ('adamw_torch_fused'); weight decay 0 as theirs.
-    self.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0,
-                                       fused=True)
+    self.optimizer = torch.optim.AdamW(
+        model.parameters(), lr=learning_rate, weight_decay=0.0, fused=True
+    )
 
-  def step(self, parts: Sequence[tuple[dict[str, torch.Tensor],
-                                       dict[str, torch.Tensor] | None]]) -> float:
+  def step(
+      self, parts: Sequence[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]]
+  ) -> float:
     """One optimizer step over (label half, rationale half) parts, accumulated as HF does.
     The halves are moved to the model's device here, as the Trainer does per step."""
     self.optimizer.zero_grad(set_to_none=True)
@@ -111,12 +124,21 @@ class ReferenceTrainer:
 
 
 @torch.no_grad()
-def generate(model: transformers.T5ForConditionalGeneration, inputs: Sequence[Sequence[int]],
-             max_new_tokens: int, autocast_dtype: torch.dtype | None = None) -> list[list[int]]:
+def generate(
+    model: transformers.T5ForConditionalGeneration,
+    inputs: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[list[int]]:
   """Greedy decoding with `model.generate`, as the reference evaluates."""
   model.eval()
   input_ids = pad(inputs, 0).to(next(model.parameters()).device)
   with precision(model, autocast_dtype):
-    out = model.generate(input_ids=input_ids, attention_mask=(input_ids != 0).long(),
-                         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=(input_ids != 0).long(),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+    )
   return out[:, 1:].tolist()

@@ -22,12 +22,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import jax
+import numpy as np
+import torch
 
-from bench import harness, reference_torch  # noqa: E402
-from dsbs_jax import losses, optimizers, partitioning, trainer  # noqa: E402
+from bench import harness, reference_torch
+from dsbs_jax import losses, optimizers, partitioning, trainer
 
 BATCHES = 16  # our distinct packed batches, cycled
 
@@ -40,17 +40,28 @@ def parse_args(argv=None):
   p.add_argument('--batch_size', type=int, default=64, help='examples per step (reference)')
   p.add_argument('--inputs', type=int, default=512, help='input feature length')
   p.add_argument('--targets', type=int, default=384, help='target feature length')
-  p.add_argument('--rows', type=int, default=0,
-                 help='our packed rows per step; 0 picks the rows that hold batch_size examples')
-  p.add_argument('--grad_steps', type=int, default=1,
-                 help="gradient accumulation on both sides (the authors' --grad_steps): our "
-                      'microbatches, their HF accumulation; T5 1.1 small at batch 64 needs 2')
+  p.add_argument(
+      '--rows',
+      type=int,
+      default=0,
+      help='our packed rows per step; 0 picks the rows that hold batch_size examples',
+  )
+  p.add_argument(
+      '--grad_steps',
+      type=int,
+      default=1,
+      help="gradient accumulation on both sides (the authors' --grad_steps): our "
+      'microbatches, their HF accumulation; T5 1.1 small at batch 64 needs 2',
+  )
   p.add_argument('--steps', type=int, default=5)
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
-  p.add_argument('--remat', action='store_true',
-                 help='our layers recompute their activations in the backward pass '
-                      "(T5Config.remat); the authors' trainer does not checkpoint")
+  p.add_argument(
+      '--remat',
+      action='store_true',
+      help='our layers recompute their activations in the backward pass '
+      "(T5Config.remat); the authors' trainer does not checkpoint",
+  )
   harness.add_shared_flags(p)
   return p.parse_args(argv)
 
@@ -61,15 +72,19 @@ class Ours:
   def __init__(self, config, params, vocab, batches, rationale, grad_steps=1):
     weights = losses.task_weights(alpha=0.5) if rationale else (1.0, 0.0)
     model = harness.student(config, vocab, task_weights=weights)
-    self.trainer = trainer.Trainer(model, optimizers.create_optimizer('adamw', 5e-5),
-                                   partitioning.Partitioner(devices=jax.devices()[:1]),
-                                   num_microbatches=grad_steps)
+    self.trainer = trainer.Trainer(
+        model,
+        optimizers.create_optimizer('adamw', 5e-5),
+        partitioning.Partitioner(devices=jax.devices()[:1]),
+        num_microbatches=grad_steps,
+    )
     self.batches = itertools.cycle(batches)
     first, _ = batches[0]
     shapes = {k: first[k].shape for k in ('encoder_input_tokens', 'decoder_input_tokens')}
     state = self.trainer.create_state(shapes)
-    self.state = state.replace(params=jax.device_put(params, self.trainer.state_shardings(
-        shapes).params))
+    self.state = state.replace(
+        params=jax.device_put(params, self.trainer.state_shardings(shapes).params)
+    )
     self.step_fn = self.trainer.compile_train_step(shapes)
     self.first = first
 
@@ -95,8 +110,7 @@ class Reference:
   """The reference step on the next `batch_size` examples, in `grad_steps` parts."""
 
   def __init__(self, model, rows, batch_size, rationale, grad_steps=1, autocast_dtype=None):
-    self.trainer = reference_torch.ReferenceTrainer(model, alpha=0.5,
-                                                    autocast_dtype=autocast_dtype)
+    self.trainer = reference_torch.ReferenceTrainer(model, alpha=0.5, autocast_dtype=autocast_dtype)
     self.rows = itertools.cycle(rows)
     self.batch_size, self.rationale, self.grad_steps = batch_size, rationale, grad_steps
 
@@ -104,12 +118,13 @@ class Reference:
     chunk = [next(self.rows) for _ in range(self.batch_size)]
     parts, halves = [], []
     size = -(-len(chunk) // self.grad_steps)
-    for part in (chunk[i:i + size] for i in range(0, len(chunk), size)):
+    for part in (chunk[i : i + size] for i in range(0, len(chunk), size)):
       label = reference_torch.half([r['predict'] for r in part], [r['label'] for r in part])
       rationale = None
       if self.rationale:
-        rationale = reference_torch.half([r['explain'] for r in part],
-                                         [r['rationale'] for r in part])
+        rationale = reference_torch.half(
+            [r['explain'] for r in part], [r['rationale'] for r in part]
+        )
       parts.append((label, rationale))
       halves += [h for h in (label, rationale) if h is not None]
     start = time.perf_counter()
@@ -126,9 +141,15 @@ def build(args):
   config = dataclasses.replace(config, dtype=args.dtype, remat=args.remat)
   lengths = {'inputs': args.inputs, 'targets': args.targets}
   rationale = args.variant == 'step_by_step'
-  key = {'benchmark': 'train_throughput', 'datasets': args.datasets, 'lengths': lengths,
-         'variant': args.variant, 'batch_size': args.batch_size, 'rows': args.rows,
-         'grad_steps': args.grad_steps}
+  key = {
+      'benchmark': 'train_throughput',
+      'datasets': args.datasets,
+      'lengths': lengths,
+      'variant': args.variant,
+      'batch_size': args.batch_size,
+      'rows': args.rows,
+      'grad_steps': args.grad_steps,
+  }
   inputs = harness.prepared(args.prepared, key, lambda: _inputs(args, lengths, rationale))
   torch_model, params = harness.same_weights(config)
   return config, lengths, inputs, rationale, torch_model, params
@@ -137,6 +158,7 @@ def build(args):
 def _inputs(args, lengths, rationale) -> dict:
   """The examples (as token ids), our packed batches of them, and the vocabulary's shape."""
   from bench import examples  # seqio + TensorFlow: only where the inputs are built
+
   rows = examples.examples(args.datasets.split(','), 'train', lengths)
   if args.rows:
     packed_rows = args.rows
@@ -145,19 +167,28 @@ def _inputs(args, lengths, rationale) -> dict:
     per_row = sum(n for _, n in sample) / (8 * len(sample))
     packed_rows = max(1, round(args.batch_size / per_row))
   packed_rows = -(-packed_rows // args.grad_steps) * args.grad_steps
-  batches = list(itertools.islice(
-      examples.packed_batches(rows, lengths, packed_rows, rationale), BATCHES))
-  return {'rows': rows, 'batches': batches, 'packed_rows': packed_rows,
-          'vocab': examples.vocab_shape()}
+  batches = list(
+      itertools.islice(examples.packed_batches(rows, lengths, packed_rows, rationale), BATCHES)
+  )
+  return {
+      'rows': rows,
+      'batches': batches,
+      'packed_rows': packed_rows,
+      'vocab': examples.vocab_shape(),
+  }
 
 
 def sides(args, config, inputs, rationale, torch_model, params):
   """Each side's constructor, so a memory child process builds only its own."""
   autocast = torch.bfloat16 if args.dtype == 'bfloat16' else None
-  return {'ours': lambda: Ours(config, params, inputs['vocab'], inputs['batches'], rationale,
-                               args.grad_steps),
-          'reference': lambda: Reference(torch_model, inputs['rows'], args.batch_size, rationale,
-                                         args.grad_steps, autocast)}
+  return {
+      'ours': lambda: Ours(
+          config, params, inputs['vocab'], inputs['batches'], rationale, args.grad_steps
+      ),
+      'reference': lambda: Reference(
+          torch_model, inputs['rows'], args.batch_size, rationale, args.grad_steps, autocast
+      ),
+  }
 
 
 def measure(side, steps, warmup):
@@ -172,15 +203,20 @@ def rates(results, config, lengths, peak):
   per_step = np.mean([r[1:] for r in results], axis=0)
   examples, enc, dec, slots = per_step[:4]
   flops = harness.train_flops(config, enc, dec, lengths['inputs'], lengths['targets'])
-  return {'median_step_s': median, 'examples_per_s': examples / median,
-          'real_tokens_per_s': (enc + dec) / median, 'padding_fraction': 1 - (enc + dec) / slots,
-          'model_flops_per_s': flops / median, 'flop_utilisation': flops / median / peak}
+  return {
+      'median_step_s': median,
+      'examples_per_s': examples / median,
+      'real_tokens_per_s': (enc + dec) / median,
+      'padding_fraction': 1 - (enc + dec) / slots,
+      'model_flops_per_s': flops / median,
+      'flop_utilisation': flops / median / peak,
+  }
 
 
 def memory_child(args):
   """Prints one side's peak memory (bytes) during steady-state steps, and what it held before
   them (model, optimizer state, data and framework; see `harness.reset_peak_memory`)."""
-  config, lengths, inputs, rationale, torch_model, params = build(args)
+  config, _lengths, inputs, rationale, torch_model, params = build(args)
   side = sides(args, config, inputs, rationale, torch_model, params)[args.memory_side]()
   del torch_model, params
   measure(side, 0, 1)  # compilation and first allocations
@@ -194,8 +230,9 @@ def main(argv=None):
   torch.set_num_threads(os.cpu_count())
   if args.memory_side:
     return memory_child(args)
-  memory = harness.children_memory('bench/train_throughput.py',
-                                   sys.argv[1:] if argv is None else list(argv))
+  memory = harness.children_memory(
+      'bench/train_throughput.py', sys.argv[1:] if argv is None else list(argv)
+  )
   config, lengths, inputs, rationale, torch_model, params = build(args)
   make = sides(args, config, inputs, rationale, torch_model, params)
   ours, reference = make['ours'](), make['reference']()
@@ -209,24 +246,45 @@ def main(argv=None):
       ours_results.append(mine)
       reference_results.append(theirs)
       dots_alone.append(harness.matmul_seconds(dots))
-    label = (f'step {i + 1 - args.warmup}/{args.steps}' if i >= args.warmup
-             else f'warm-up {i + 1}/{args.warmup}')
-    harness.progress(f'{label}: ours {mine[0]:.3f}s, reference {theirs[0]:.3f}s'
-                     + (f', our dots alone {dots_alone[-1]:.3f}s' if dots_alone else ''))
-  report = {'ours': rates(ours_results, config, lengths, peak) | memory['ours'],
-            'reference': rates(reference_results, config, lengths, peak) | memory['reference']}
+    label = (
+        f'step {i + 1 - args.warmup}/{args.steps}'
+        if i >= args.warmup
+        else f'warm-up {i + 1}/{args.warmup}'
+    )
+    harness.progress(
+        f'{label}: ours {mine[0]:.3f}s, reference {theirs[0]:.3f}s'
+        + (f', our dots alone {dots_alone[-1]:.3f}s' if dots_alone else '')
+    )
+  report = {
+      'ours': rates(ours_results, config, lengths, peak) | memory['ours'],
+      'reference': rates(reference_results, config, lengths, peak) | memory['reference'],
+  }
   report['ratio_ours_over_reference'] = {
-      k: report['ours'][k] / report['reference'][k] for k in report['ours']
-      if report['reference'][k]}
+      k: report['ours'][k] / report['reference'][k]
+      for k in report['ours']
+      if report['reference'][k]
+  }
   report['ours_matmuls_alone'] = harness.matmuls_alone(float(np.median(dots_alone)), report)
-  print(json.dumps({
-      'benchmark': 'train_throughput', 'config': args.config, 'variant': args.variant,
-      'datasets': args.datasets, 'batch_examples': args.batch_size,
-      'our_packed_rows': inputs['packed_rows'],
-      'grad_steps': args.grad_steps, 'remat': args.remat,
-      'lengths': lengths, 'dtype': args.dtype, 'steps': args.steps,
-      'machine': harness.machine(peak),
-      **report}, indent=1))
+  print(
+      json.dumps(
+          {
+              'benchmark': 'train_throughput',
+              'config': args.config,
+              'variant': args.variant,
+              'datasets': args.datasets,
+              'batch_examples': args.batch_size,
+              'our_packed_rows': inputs['packed_rows'],
+              'grad_steps': args.grad_steps,
+              'remat': args.remat,
+              'lengths': lengths,
+              'dtype': args.dtype,
+              'steps': args.steps,
+              'machine': harness.machine(peak),
+              **report,
+          },
+          indent=1,
+      )
+  )
 
 
 if __name__ == '__main__':

@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -46,8 +47,10 @@ class CheckpointConfig:
 
   def __post_init__(self):
     if self.period < 1 or self.keep < 1:
-      raise ConfigError(f'checkpoints.CheckpointConfig: period and keep must be >= 1; got '
-                        f'period={self.period}, keep={self.keep}')
+      raise ConfigError(
+          f'checkpoints.CheckpointConfig: period and keep must be >= 1; got '
+          f'period={self.period}, keep={self.keep}'
+      )
 
 
 def _first_line(error: BaseException) -> str:
@@ -58,12 +61,19 @@ def _first_line(error: BaseException) -> str:
 class Checkpointer:
   """Saves every `save_interval_steps`, keeps the newest `max_to_keep`."""
 
-  def __init__(self, directory: storage.PathLike, save_interval_steps: int = 1000,
-               max_to_keep: int = 3, async_save: bool = True):
+  def __init__(
+      self,
+      directory: storage.PathLike,
+      save_interval_steps: int = 1000,
+      max_to_keep: int = 3,
+      async_save: bool = True,
+  ):
     self.directory = storage.resolve(directory)
     self._options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
-        enable_async_checkpointing=async_save)
+        save_interval_steps=save_interval_steps,
+        max_to_keep=max_to_keep,
+        enable_async_checkpointing=async_save,
+    )
     self._manager = ocp.CheckpointManager(self.directory, options=self._options)
 
   def latest_step(self) -> Optional[int]:
@@ -75,8 +85,14 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return self._manager.should_save(step)
 
-  def save(self, step: int, state: Any, batches_consumed: int, force: bool = False,
-           metadata: Optional[dict[str, Any]] = None) -> bool:
+  def save(
+      self,
+      step: int,
+      state: Any,
+      batches_consumed: int,
+      force: bool = False,
+      metadata: Optional[dict[str, Any]] = None,
+  ) -> bool:
     """Saves if `step` is on the interval (or `force`); returns whether it saved.
 
     Orbax finalises a checkpoint only once it is complete (a rename on disk, a
@@ -84,13 +100,15 @@ class Checkpointer:
     previous checkpoint the latest.
     """
     data = {'batches_consumed': int(batches_consumed), **(metadata or {})}
-    return self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=force)
+    return self._manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)),
+        force=force,
+    )
 
   def metadata(self, step: int) -> dict[str, Any]:
     """The JSON saved beside the state at `step`."""
-    return self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))[
-        'data']
+    return self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))['data']
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, int]:
     """(state, batches_consumed) at `step`, placed as `abstract_state` (a tree of
@@ -100,9 +118,14 @@ class Checkpointer:
     are renamed `<step>.corrupt` with a warning. If none restores, a one-line
     `ConfigError` names the directory and why.
     """
+
     def restore_step(s: int) -> tuple[Any, int]:
-      restored = self._manager.restore(s, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      restored = self._manager.restore(
+          s,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+          ),
+      )
       return restored['state'], int(restored['data']['batches_consumed'])
 
     return self._restore_newest(restore_step, step)
@@ -111,13 +134,24 @@ class Checkpointer:
     """Only the params of a checkpoint (initialising another run from it), placed as
     `abstract_params` says (any optimizer state is not read), or with None as host
     numpy arrays."""
+
     def restore_step(s: int) -> Any:
       if abstract_params is None:
-        return self._manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore()))['state']['params']
-      restored = self._manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item={'params': abstract_params}, partial_restore=True,
-          restore_args=ocp.checkpoint_utils.construct_restore_args({'params': abstract_params}))))
+        return self._manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))[
+            'state'
+        ]['params']
+      restored = self._manager.restore(
+          s,
+          args=ocp.args.Composite(
+              state=ocp.args.PyTreeRestore(
+                  item={'params': abstract_params},
+                  partial_restore=True,
+                  restore_args=ocp.checkpoint_utils.construct_restore_args(
+                      {'params': abstract_params}
+                  ),
+              )
+          ),
+      )
       return restored['state']['params']
 
     return self._restore_newest(restore_step, step)
@@ -131,17 +165,23 @@ class Checkpointer:
       try:
         result = restore_step(s)
       except (ValueError, KeyError, OSError, TypeError, RuntimeError) as e:
-        log.warning('checkpoint step %d in %s does not restore (%s); trying an older one', s,
-                    self.directory, _first_line(e))
+        log.warning(
+            'checkpoint step %d in %s does not restore (%s); trying an older one',
+            s,
+            self.directory,
+            _first_line(e),
+        )
         failures.append((s, e))
         continue
       if failures:
         self._set_aside([f for f, _ in failures])
       return result
     newest, error = failures[0]
-    raise ConfigError(f'{self.directory}: no checkpoint restores (steps '
-                      f'{", ".join(str(s) for s, _ in failures)}); step {newest}: '
-                      f'{_first_line(error)}')
+    raise ConfigError(
+        f'{self.directory}: no checkpoint restores (steps '
+        f'{", ".join(str(s) for s, _ in failures)}); step {newest}: '
+        f'{_first_line(error)}'
+    )
 
   def _set_aside(self, steps: list[int]) -> None:
     """Renames unrestorable steps newer than the one restored to `<step>.corrupt`, so
@@ -175,12 +215,18 @@ class BestCheckpoint:
   run keeps them.
   """
 
-  def __init__(self, directory: storage.PathLike, metric: Optional[str], mode: str = 'max',
-               metadata: Optional[dict[str, Any]] = None):
+  def __init__(
+      self,
+      directory: storage.PathLike,
+      metric: Optional[str],
+      mode: str = 'max',
+      metadata: Optional[dict[str, Any]] = None,
+  ):
     self.metric, self.mode = metric, mode
     self._metadata = dict(metadata or {})
-    self._checkpointer = Checkpointer(directory, save_interval_steps=1, max_to_keep=1,
-                                      async_save=False)
+    self._checkpointer = Checkpointer(
+        directory, save_interval_steps=1, max_to_keep=1, async_save=False
+    )
     self.step = self._checkpointer.latest_step()
     self.value = None
     if self.step is not None:
@@ -188,18 +234,24 @@ class BestCheckpoint:
       if metric in (None, saved['metric']):
         self.metric, self.value = saved['metric'], saved['metric_value']
 
-  def update(self, step: int, state: Any, batches_consumed: int,
-             metrics: dict[str, float]) -> bool:
+  def update(self, step: int, state: Any, batches_consumed: int, metrics: dict[str, float]) -> bool:
     """Saves `state` if `metrics[metric]` beats the best so far; returns whether it did."""
     if self.metric not in metrics:
-      raise ConfigError(f'best_metric {self.metric!r} is not among the validation metrics '
-                        f'{sorted(metrics)}')
+      raise ConfigError(
+          f'best_metric {self.metric!r} is not among the validation metrics {sorted(metrics)}'
+      )
     value = float(metrics[self.metric])
-    better = (self.value is None or (value > self.value if self.mode == 'max'
-                                     else value < self.value))
+    better = self.value is None or (
+        value > self.value if self.mode == 'max' else value < self.value
+    )
     if better:
-      self._checkpointer.save(step, state, batches_consumed, force=True, metadata={
-          **self._metadata, 'metric': self.metric, 'metric_value': value})
+      self._checkpointer.save(
+          step,
+          state,
+          batches_consumed,
+          force=True,
+          metadata={**self._metadata, 'metric': self.metric, 'metric_value': value},
+      )
       self.step, self.value = step, value
     return better
 
@@ -241,24 +293,32 @@ def load_initial_params(path: str, config: T5Config, abstract_params: Any) -> An
     theirs = hf_checkpoint.read_hf_config(path)
     mismatch = _architecture_mismatch(config, theirs)
     if mismatch:
-      raise ConfigError(f'{setting}: the model differs from its config.json in '
-                        f'{"; ".join(mismatch)}; choose the matching gin/models file')
+      raise ConfigError(
+          f'{setting}: the model differs from its config.json in '
+          f'{"; ".join(mismatch)}; choose the matching gin/models file'
+      )
     _, params = hf_checkpoint.load_hf_checkpoint(path)
     return _placed(setting, params, abstract_params)
   directory = checkpoint_directory(path)
   if directory is None:
     if t5x_checkpoints.find(path) is not None:
       return _placed(setting, t5x_checkpoints.read_params(path), abstract_params)
-    raise ConfigError(f'{setting}: neither a HF save_pretrained directory (config.json), a '
-                      'dsbs-jax MODEL_DIR or checkpoints directory, nor a T5X checkpoint')
+    raise ConfigError(
+        f'{setting}: neither a HF save_pretrained directory (config.json), a '
+        'dsbs-jax MODEL_DIR or checkpoints directory, nor a T5X checkpoint'
+    )
   checkpointer = Checkpointer(directory, async_save=False)
   try:
-    saved = checkpointer.metadata(checkpointer.latest_step()).get('model_config')
+    step = checkpointer.latest_step()
+    assert step is not None  # checkpoint_directory found a step
+    saved = checkpointer.metadata(step).get('model_config')
     if saved is not None:
       mismatch = _architecture_mismatch(config, config_from_dict(saved))
       if mismatch:
-        raise ConfigError(f'{setting}: the model differs from the checkpoint\'s in '
-                          f'{"; ".join(mismatch)}; choose the matching gin/models file')
+        raise ConfigError(
+            f"{setting}: the model differs from the checkpoint's in "
+            f'{"; ".join(mismatch)}; choose the matching gin/models file'
+        )
     return checkpointer.restore_params(abstract_params)
   finally:
     checkpointer.close()
@@ -266,21 +326,32 @@ def load_initial_params(path: str, config: T5Config, abstract_params: Any) -> An
 
 def _placed(setting: str, params: Any, abstract_params: Any) -> Any:
   """`params` on the devices `abstract_params` says, once their names and shapes agree."""
+
   def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    return {jax.tree_util.keystr(p, simple=True, separator='/'): tuple(np.shape(x))
-            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        jax.tree_util.keystr(p, simple=True, separator='/'): tuple(np.shape(x))
+        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
   ours, theirs = shapes(abstract_params), shapes(params)
-  problems = ([f'{k} missing' for k in sorted(set(ours) - set(theirs))]
-              + [f'{k} unexpected' for k in sorted(set(theirs) - set(ours))]
-              + [f'{k} is {theirs[k]} there, {ours[k]} here'
-                 for k in sorted(set(ours) & set(theirs)) if theirs[k] != ours[k]])
+  problems = (
+      [f'{k} missing' for k in sorted(set(ours) - set(theirs))]
+      + [f'{k} unexpected' for k in sorted(set(theirs) - set(ours))]
+      + [
+          f'{k} is {theirs[k]} there, {ours[k]} here'
+          for k in sorted(set(ours) & set(theirs))
+          if theirs[k] != ours[k]
+      ]
+  )
   if problems:
     more = f' (and {len(problems) - 4} more)' if len(problems) > 4 else ''
-    raise ConfigError(f'{setting}: its parameters do not fit the model: '
-                      f'{"; ".join(problems[:4])}{more}; choose the matching gin/models file')
-  return jax.tree_util.tree_map(lambda x, a: jax.device_put(np.asarray(x), a.sharding), params,
-                                abstract_params)
+    raise ConfigError(
+        f'{setting}: its parameters do not fit the model: '
+        f'{"; ".join(problems[:4])}{more}; choose the matching gin/models file'
+    )
+  return jax.tree_util.tree_map(
+      lambda x, a: jax.device_put(np.asarray(x), a.sharding), params, abstract_params
+  )
 
 
 def config_to_dict(config: T5Config) -> dict[str, Any]:

@@ -16,7 +16,8 @@ import re
 import sys
 import tempfile
 import traceback
-from typing import Callable, Iterator, Optional, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Optional
 
 from dsbs_jax.errors import ConfigError, DataError
 
@@ -25,9 +26,15 @@ DEBUG_ENV = 'DSBS_DEBUG'
 
 # Startup lines TensorFlow (the input pipeline's engine) prints on a host without a GPU
 # build's drivers. TensorFlow feeds data only, on the CPU; JAX owns the accelerators.
-_TENSORFLOW_NOISE = ('All log messages before absl::InitializeLog()', 'cudart_stub.cc',
-                     'failed call to cuInit', 'oneDNN custom operations', 'cpu_feature_guard.cc',
-                     'To enable the following instructions', 'Unable to register cu')
+_TENSORFLOW_NOISE = (
+    'All log messages before absl::InitializeLog()',
+    'cudart_stub.cc',
+    'failed call to cuInit',
+    'oneDNN custom operations',
+    'cpu_feature_guard.cc',
+    'To enable the following instructions',
+    'Unable to register cu',
+)
 
 
 def set_process_defaults() -> None:
@@ -67,10 +74,12 @@ def start_tensorflow() -> None:
   """Imports TensorFlow, keeps it off the GPUs and drops its startup noise."""
   with _quiet_stderr(_TENSORFLOW_NOISE):
     import tensorflow as tf
+
     tf.config.set_visible_devices([], 'GPU')
 
 
 class _DropMessages(logging.Filter):
+
   def __init__(self, *fragments: str):
     super().__init__()
     self._fragments = fragments
@@ -81,8 +90,13 @@ class _DropMessages(logging.Filter):
 
 
 def configure_logging() -> None:
-  logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(levelname)s %(message)s',
-                      datefmt='%H:%M:%S', stream=sys.stdout, force=True)
+  logging.basicConfig(
+      level=logging.WARNING,
+      format='%(asctime)s %(levelname)s %(message)s',
+      datefmt='%H:%M:%S',
+      stream=sys.stdout,
+      force=True,
+  )
   log.setLevel(logging.INFO)
   drop = _DropMessages(
       # gin logs each search-path miss of an include; only a final miss matters.
@@ -92,7 +106,8 @@ def configure_logging() -> None:
       'uncached FunctionDataset',
       # gcsfs, on every Cloud Storage client, where no default credentials exist (an
       # emulator on loopback); real buckets fail on their first request instead.
-      'Could not determine bucket type')
+      'Could not determine bucket type',
+  )
   for handler in logging.getLogger().handlers:
     handler.addFilter(drop)
 
@@ -106,6 +121,7 @@ def error_line(error: BaseException) -> str:
 def run(program: str, body: Callable[[], int]) -> int:
   """Runs a command's body; a user error becomes one line on stderr and exit 2."""
   from absl import flags
+
   try:
     return body()
   except (ConfigError, DataError, FloatingPointError, flags.Error) as e:
@@ -114,9 +130,13 @@ def run(program: str, body: Callable[[], int]) -> int:
     if not _from_gin(e):
       raise
     from dsbs_jax import gin_utils
+
     macro = gin_utils.unset_macro(e)
-    message = (f'the macro {macro} has no value; set it with --gin.{macro}=... or in a gin file'
-               if macro else error_line(e))
+    message = (
+        f'the macro {macro} has no value; set it with --gin.{macro}=... or in a gin file'
+        if macro
+        else error_line(e)
+    )
     return _user_error(program, f'gin configuration error: {message}', e)
 
 
@@ -144,30 +164,55 @@ def _parse_mesh(text: str) -> dict[str, int]:
 
 def _define_flags():
   from absl import flags
+
   fv = flags.FlagValues()
   flags.DEFINE_multi_string('gin_file', [], 'Gin config files, applied in order.', flag_values=fv)
   flags.DEFINE_multi_string('gin_bindings', [], 'Individual gin bindings.', flag_values=fv)
-  flags.DEFINE_multi_string('gin_search_paths', ['.'], 'Paths searched for gin files (the '
-                            'shipped gin/ always is).', flag_values=fv)
-  flags.DEFINE_boolean('list_tasks', False, 'Print the built-in tasks and mixtures, then exit.',
-                       flag_values=fv)
-  flags.DEFINE_string('plan', None, 'Print the memory plan for a DATAxMODEL mesh (e.g. 32x8: '
-                      'each parameter\'s sharding and GiB per device), then exit; needs no '
-                      'devices.', flag_values=fv)
-  flags.DEFINE_boolean('multihost', False, 'Initialise jax.distributed from the environment '
-                       '(Cloud TPU pods need nothing else).', flag_values=fv)
-  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for multi-process '
-                      'runs outside a TPU pod (see launch/local_multihost.sh).', flag_values=fv)
-  flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator_address).',
-                       flag_values=fv)
-  flags.DEFINE_integer('process_id', None, 'This process (with --coordinator_address).',
-                       flag_values=fv)
+  flags.DEFINE_multi_string(
+      'gin_search_paths',
+      ['.'],
+      'Paths searched for gin files (the shipped gin/ always is).',
+      flag_values=fv,
+  )
+  flags.DEFINE_boolean(
+      'list_tasks', False, 'Print the built-in tasks and mixtures, then exit.', flag_values=fv
+  )
+  flags.DEFINE_string(
+      'plan',
+      None,
+      'Print the memory plan for a DATAxMODEL mesh (e.g. 32x8: '
+      "each parameter's sharding and GiB per device), then exit; needs no "
+      'devices.',
+      flag_values=fv,
+  )
+  flags.DEFINE_boolean(
+      'multihost',
+      False,
+      'Initialise jax.distributed from the environment (Cloud TPU pods need nothing else).',
+      flag_values=fv,
+  )
+  flags.DEFINE_string(
+      'coordinator_address',
+      None,
+      'host:port of process 0, for multi-process '
+      'runs outside a TPU pod (see launch/local_multihost.sh).',
+      flag_values=fv,
+  )
+  flags.DEFINE_integer(
+      'num_processes', None, 'Number of processes (with --coordinator_address).', flag_values=fv
+  )
+  flags.DEFINE_integer(
+      'process_id', None, 'This process (with --coordinator_address).', flag_values=fv
+  )
   return fv
 
 
-def initialize_distributed(multihost: bool, coordinator_address: Optional[str] = None,
-                           num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None) -> None:
+def initialize_distributed(
+    multihost: bool,
+    coordinator_address: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+) -> None:
   """Starts `jax.distributed` for a multi-process run; a no-op for one process.
 
   On a Cloud TPU pod `--multihost` alone suffices (JAX finds its peers). Elsewhere
@@ -175,6 +220,7 @@ def initialize_distributed(multihost: bool, coordinator_address: Optional[str] =
   processes exchange collectives through gloo.
   """
   import jax
+
   if not (multihost or coordinator_address):
     return
   if coordinator_address and (num_processes is None or process_id is None):
@@ -184,8 +230,13 @@ def initialize_distributed(multihost: bool, coordinator_address: Optional[str] =
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   else:
     jax.distributed.initialize()
-  log.info('process %d of %d; %d local / %d global devices', jax.process_index(),
-           jax.process_count(), jax.local_device_count(), jax.device_count())
+  log.info(
+      'process %d of %d; %d local / %d global devices',
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+  )
 
 
 _TRAIN_REQUIRED = ('model_dir', 'train_steps', 'dataset', 'model', 'optimizer')
@@ -200,19 +251,21 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
   def body() -> int:
     import gin
     from dsbs_jax import gin_utils
+
     fv = _define_flags()
     fv(gin_utils.rewrite_gin_args(argv))
     start_tensorflow()
-    initialize_distributed(fv.multihost, fv.coordinator_address, fv.num_processes,
-                           fv.process_id)
+    initialize_distributed(fv.multihost, fv.coordinator_address, fv.num_processes, fv.process_id)
     if fv.list_tasks:
       from dsbs_jax.data import catalog, tasks
+
       catalog.register_all()
       print(tasks.describe_families())
       return 0
     gin_utils.parse(fv.gin_file, fv.gin_bindings, fv.gin_search_paths)
     from dsbs_jax import train
     from dsbs_jax.run_record import RunRecord
+
     configured = gin.get_configurable(train.train)
     gin_utils.check_bindings_used('train.train', fv.gin_file, fv.gin_bindings)
     if fv.plan:
@@ -220,8 +273,10 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
       required = {name: gin.REQUIRED for name in _TRAIN_REQUIRED if name != 'model_dir'}
       configured(plan_mesh=_parse_mesh(fv.plan), **required)
       return 0
-    configured(run_record=RunRecord(gin.operative_config_str),
-               **{name: gin.REQUIRED for name in _TRAIN_REQUIRED})
+    configured(
+        run_record=RunRecord(gin.operative_config_str),
+        **dict.fromkeys(_TRAIN_REQUIRED, gin.REQUIRED),
+    )
     return 0
 
   return run('dsbs-train', body)

@@ -3,7 +3,8 @@ trimming that keeps decoding's compiled shapes few."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +16,14 @@ Cache = Any
 TokensToLogits = Callable[[Array, Cache], tuple[Array, Cache]]
 
 
-def greedy_decode(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
-                  max_length: int, eos_id: int = 1, bos_id: int = 0) -> Array:
+def greedy_decode(
+    tokens_to_logits: TokensToLogits,
+    cache: Cache,
+    batch_size: int,
+    max_length: int,
+    eos_id: int = 1,
+    bos_id: int = 0,
+) -> Array:
   """Decodes argmax tokens until every row has emitted EOS or `max_length` is reached.
 
   tokens_to_logits: ([b, 1] int tokens, cache) -> ([b, v] logits, cache).
@@ -35,9 +42,13 @@ def greedy_decode(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: in
     out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
     return step + 1, nxt[:, None], out, cache, finished | (nxt == eos_id)
 
-  init = (jnp.array(0, jnp.int32), jnp.full((batch_size, 1), bos_id, jnp.int32),
-          jnp.zeros((batch_size, max_length), jnp.int32), cache,
-          jnp.zeros((batch_size,), bool))
+  init = (
+      jnp.array(0, jnp.int32),
+      jnp.full((batch_size, 1), bos_id, jnp.int32),
+      jnp.zeros((batch_size, max_length), jnp.int32),
+      cache,
+      jnp.zeros((batch_size,), bool),
+  )
   return jax.lax.while_loop(cond, body, init)[2]
 
 

@@ -9,7 +9,8 @@ computes each task's metrics and its loggers write TensorBoard summaries and
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -18,8 +19,8 @@ from jax.experimental import multihost_utils
 
 from dsbs_jax import losses, monitoring
 from dsbs_jax.decoding import INPUT_LENGTH_MULTIPLE, trim_inputs
-from dsbs_jax.models import StepByStepModel
 from dsbs_jax.errors import ConfigError
+from dsbs_jax.models import StepByStepModel
 from dsbs_jax.partitioning import Partitioner
 
 
@@ -53,11 +54,15 @@ class EvaluationConfig:
     if self.period is not None and self.period < 0:
       raise ConfigError(f'evaluation.EvaluationConfig.period must be >= 0; got {self.period}')
     if self.best_mode not in ('max', 'min'):
-      raise ConfigError(f'evaluation.EvaluationConfig.best_mode must be "max" or "min"; got '
-                        f'{self.best_mode!r}')
+      raise ConfigError(
+          f'evaluation.EvaluationConfig.best_mode must be "max" or "min"; got '
+          f'{self.best_mode!r}'
+      )
     if self.split == 'test':
-      raise ConfigError('evaluation.EvaluationConfig.split is "test": model selection must not '
-                        'see the test split; select on "validation"')
+      raise ConfigError(
+          'evaluation.EvaluationConfig.split is "test": model selection must not '
+          'see the test split; select on "validation"'
+      )
 
 
 def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -77,44 +82,69 @@ class Evaluator:
   of `input_length_multiple` (`trim_inputs`), so only a few shapes compile.
   """
 
-  def __init__(self, task_names: Sequence[str], split: str, model: StepByStepModel,
-               partitioner: Partitioner, batch_size: int, param_shardings: Any,
-               log_dir: Optional[str], num_examples: Optional[int] = None,
-               input_length_multiple: int = INPUT_LENGTH_MULTIPLE):
+  def __init__(
+      self,
+      task_names: Sequence[str],
+      split: str,
+      model: StepByStepModel,
+      partitioner: Partitioner,
+      batch_size: int,
+      param_shardings: Any,
+      log_dir: Optional[str],
+      num_examples: Optional[int] = None,
+      input_length_multiple: int = INPUT_LENGTH_MULTIPLE,
+  ):
     loggers = monitoring.seqio_loggers() if log_dir else ()
-    self._seqio = [seqio.Evaluator(
-        mixture_or_task_name=name, feature_converter=model.FEATURE_CONVERTER_CLS(pack=False),
-        eval_split=split, sequence_length=None, num_examples=num_examples,
-        logger_cls=loggers, log_dir=log_dir, async_compute_metrics=False) for name in task_names]
+    self._seqio = [
+        seqio.Evaluator(
+            mixture_or_task_name=name,
+            feature_converter=model.FEATURE_CONVERTER_CLS(pack=False),
+            eval_split=split,
+            sequence_length=None,
+            num_examples=num_examples,
+            logger_cls=loggers,
+            log_dir=log_dir,
+            async_compute_metrics=False,
+        )
+        for name in task_names
+    ]
     self.batch_size = batch_size
     self.input_length_multiple = input_length_multiple
     self.partitioner = partitioner
-    self._predict = jax.jit(model.predict_batch,
-                            in_shardings=(param_shardings, partitioner.batch_sharding()),
-                            out_shardings=partitioner.batch_sharding())
+    self._predict = jax.jit(
+        model.predict_batch,
+        in_shardings=(param_shardings, partitioner.batch_sharding()),
+        out_shardings=partitioner.batch_sharding(),
+    )
 
   def _predict_fn(self, params: Any):
     def predict_fn(ds, model_feature_shapes=None):
       del model_feature_shapes
-      results = []
+      results: list[tuple[int, list[int]]] = []
       for indices, batch in ds.batch(self.batch_size).as_numpy_iterator():
         n = len(indices)
         padded = trim_inputs(pad_rows(batch, self.batch_size), self.input_length_multiple)
         with self.partitioner.activate():
           tokens = self._predict(params, self.partitioner.shard_global_batch(padded))
         tokens = multihost_utils.process_allgather(tokens, tiled=True)
-        results.extend(zip(indices.tolist(), tokens[:n].tolist()))
+        results.extend(zip(indices.tolist(), tokens[:n].tolist(), strict=True))
       return results
+
     return predict_fn
 
   def evaluate(self, params: Any, step: int) -> dict[str, dict[str, float]]:
     """{task: {metric: value}} for the split, logged at `step`."""
     results = {}
     for evaluator in self._seqio:
-      metrics, _ = evaluator.evaluate(compute_metrics=True, step=step,
-                                      predict_fn=self._predict_fn(params))
-      results.update({task: {name: float(getattr(v, 'value', v)) for name, v in values.items()}
-                      for task, values in metrics.result().items()})
+      metrics, _ = evaluator.evaluate(
+          compute_metrics=True, step=step, predict_fn=self._predict_fn(params)
+      )
+      results.update(
+          {
+              task: {name: float(getattr(v, 'value', v)) for name, v in values.items()}
+              for task, values in metrics.result().items()
+          }
+      )
     return results
 
 
@@ -125,22 +155,35 @@ class LossEvaluator:
   costs one forward pass per batch. `num_examples` caps the packed rows read.
   """
 
-  def __init__(self, mixture_or_task_name: str, split: str,
-               task_feature_lengths: Mapping[str, int], model: StepByStepModel,
-               partitioner: Partitioner, batch_size: int, param_shardings: Any,
-               num_examples: Optional[int] = None):
+  def __init__(
+      self,
+      mixture_or_task_name: str,
+      split: str,
+      task_feature_lengths: Mapping[str, int],
+      model: StepByStepModel,
+      partitioner: Partitioner,
+      batch_size: int,
+      param_shardings: Any,
+      num_examples: Optional[int] = None,
+  ):
     self._dataset = seqio.get_dataset(
-        mixture_or_task_name, task_feature_lengths=dict(task_feature_lengths),
-        dataset_split=split, shuffle=False, num_epochs=1,
-        feature_converter=model.FEATURE_CONVERTER_CLS(pack=True))
+        mixture_or_task_name,
+        task_feature_lengths=dict(task_feature_lengths),
+        dataset_split=split,
+        shuffle=False,
+        num_epochs=1,
+        feature_converter=model.FEATURE_CONVERTER_CLS(pack=True),
+    )
     if num_examples:
       self._dataset = self._dataset.take(num_examples)
     self.batch_size = batch_size
     self.partitioner = partitioner
     self.num_tasks = len(model.task_weights)
     self.task_weights = np.asarray(model.task_weights)
-    self._loss = jax.jit(lambda p, b: model.loss_fn(p, b, None)[1],
-                         in_shardings=(param_shardings, partitioner.batch_sharding()))
+    self._loss = jax.jit(
+        lambda p, b: model.loss_fn(p, b, None)[1],
+        in_shardings=(param_shardings, partitioner.batch_sharding()),
+    )
 
   def evaluate(self, params: Any) -> dict[str, float]:
     """{'loss', '<task>/loss', '<task>/accuracy'} over the whole split."""
@@ -157,5 +200,7 @@ class LossEvaluator:
         for m in ('loss', 'accuracy'):
           sums[f'{name}/{m}'] += float(metrics[f'{name}/{m}']) * count
     out = {k: v / max(tokens[k.split('/')[0]], 1.0) for k, v in sums.items()}
-    out['loss'] = float(sum(w * out[f'{n}/loss'] for w, n in zip(self.task_weights, names)))
+    out['loss'] = float(
+        sum(w * out[f'{n}/loss'] for w, n in zip(self.task_weights, names, strict=True))
+    )
     return out

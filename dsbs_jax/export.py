@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from dsbs_jax import checkpoints, cli, hf_checkpoint, t5x_checkpoints
 from dsbs_jax.errors import ConfigError
@@ -23,13 +24,16 @@ from dsbs_jax.errors import ConfigError
 FORMATS = ('hf', 't5x')
 
 
-def export(checkpoint: str, output: str, step: Optional[int] = None, to: str = 'hf'
-           ) -> tuple[int, str]:
+def export(
+    checkpoint: str, output: str, step: Optional[int] = None, to: str = 'hf'
+) -> tuple[int, str]:
   """Writes the checkpoint's params to `output`; returns (the step, where)."""
   directory = checkpoints.checkpoint_directory(checkpoint)
   if directory is None:
-    raise ConfigError(f'--checkpoint {checkpoint}: no dsbs-jax checkpoint there (expected a '
-                      'MODEL_DIR, its best/ or its checkpoints/)')
+    raise ConfigError(
+        f'--checkpoint {checkpoint}: no dsbs-jax checkpoint there (expected a '
+        'MODEL_DIR, its best/ or its checkpoints/)'
+    )
   checkpointer = checkpoints.Checkpointer(directory, async_save=False)
   try:
     step = checkpointer.latest_step() if step is None else step
@@ -37,8 +41,10 @@ def export(checkpoint: str, output: str, step: Optional[int] = None, to: str = '
       raise ConfigError(f'--step {step}: {directory} holds steps {checkpointer.all_steps()}')
     saved = checkpointer.metadata(step).get('model_config')
     if saved is None:
-      raise ConfigError(f'{directory}/{step}: this checkpoint records no network config (it '
-                        'predates dsbs-jax 0.2); load it with hf_checkpoint.save_hf_checkpoint')
+      raise ConfigError(
+          f'{directory}/{step}: this checkpoint records no network config (it '
+          'predates dsbs-jax 0.2); load it with hf_checkpoint.save_hf_checkpoint'
+      )
     config = checkpoints.config_from_dict(saved)
     params = checkpointer.restore_params(None, step)
   finally:

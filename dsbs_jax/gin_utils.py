@@ -19,13 +19,13 @@ import difflib
 import io
 import os
 import re
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Optional
 
 import gin
-from gin import config_parser
-
 from dsbs_jax import storage
 from dsbs_jax.errors import ConfigError
+from gin import config_parser
 
 _MACRO = 'gin.macro'
 _TASK_MACRO = 'MIXTURE_OR_TASK_NAME'
@@ -34,12 +34,15 @@ _TASK_MACRO = 'MIXTURE_OR_TASK_NAME'
 def shipped_gin_dir() -> str:
   """The gin/ directory: `dsbs_jax/gin` in a wheel, the checkout's `gin/` in a source tree."""
   import dsbs_jax
+
   package = os.path.dirname(os.path.abspath(dsbs_jax.__file__))
   for candidate in (os.path.join(package, 'gin'), os.path.join(os.path.dirname(package), 'gin')):
     if os.path.isfile(os.path.join(candidate, 'train.gin')):
       return candidate
-  raise ConfigError(f'the shipped gin files are missing (looked in {package}/gin and beside '
-                    'the package); reinstall dsbs-jax')
+  raise ConfigError(
+      f'the shipped gin files are missing (looked in {package}/gin and beside '
+      'the package); reinstall dsbs-jax'
+  )
 
 
 def search_paths(user_paths: Sequence[str]) -> list[str]:
@@ -53,7 +56,7 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
   out = []
   for arg in argv:
     if arg.startswith('--gin.'):
-      key, sep, value = arg[len('--gin.'):].partition('=')
+      key, sep, value = arg[len('--gin.') :].partition('=')
       if not sep:
         raise ConfigError(f'{arg}: expected --gin.KEY=VALUE')
       arg = f'--gin_bindings={key} = {value}'
@@ -81,10 +84,14 @@ def parse(files: Sequence[str], bindings: Sequence[str], user_search_paths: Sequ
   except ValueError:
     return
   if isinstance(name, str):
-    gin.parse_config(['from __gin__ import dynamic_registration',
-                      'from dsbs_jax.data import tasks',
-                      f'tasks.select.name = {name!r}',
-                      f'{_TASK_MACRO} = @tasks.select()'])
+    gin.parse_config(
+        [
+            'from __gin__ import dynamic_registration',
+            'from dsbs_jax.data import tasks',
+            f'tasks.select.name = {name!r}',
+            f'{_TASK_MACRO} = @tasks.select()',
+        ]
+    )
 
 
 def used_bindings(root: str) -> set[tuple[str, str]]:
@@ -136,10 +143,15 @@ class _Syntax(config_parser.ParserDelegate):
 def _statements(files: Sequence[str]) -> Iterable[config_parser.BindingStatement]:
   """Every binding statement of `files` and their includes, in parse order."""
   for name in files:
-    path = next((os.path.join(p, name) for p in gin.config._LOCATION_PREFIXES  # pylint: disable=protected-access
-                 if os.path.isfile(os.path.join(p, name))
-                 or (storage.is_url(os.path.join(p, name)) and storage.exists(
-                     os.path.join(p, name)))), None)
+    path = next(
+        (
+            os.path.join(p, name)
+            for p in gin.config._LOCATION_PREFIXES  # pylint: disable=protected-access
+            if os.path.isfile(os.path.join(p, name))
+            or (storage.is_url(os.path.join(p, name)) and storage.exists(os.path.join(p, name)))
+        ),
+        None,
+    )
     if path is None:
       continue
     text = storage.read_text(path)
@@ -159,11 +171,17 @@ def _where(key: tuple[str, str], files: Sequence[str], bindings: Sequence[str]) 
     statements.extend(config_parser.ConfigParser(io.StringIO(binding), _Syntax()))
   for s in statements:
     macro = selector == _MACRO and s.scope == '' and s.selector == scope and not s.arg_name
-    plain = (s.scope == scope and s.arg_name
-             and (selector == s.selector or selector.endswith('.' + s.selector)))
+    plain = (
+        s.scope == scope
+        and s.arg_name
+        and (selector == s.selector or selector.endswith('.' + s.selector))
+    )
     if macro or plain:
-      found = (f'{s.location.filename}:{s.location.line_num}' if s.location.filename
-               else f'--gin.{s.selector}' + (f'.{s.arg_name}' if s.arg_name else ''))
+      found = (
+          f'{s.location.filename}:{s.location.line_num}'
+          if s.location.filename
+          else f'--gin.{s.selector}' + (f'.{s.arg_name}' if s.arg_name else '')
+      )
   return found
 
 
@@ -183,13 +201,17 @@ def check_bindings_used(root: str, files: Sequence[str], bindings: Sequence[str]
       what, candidates = f'the macro {scope}', used_macros
       name = scope
     else:
-      what = f'the binding {"/".join(filter(None, [scope, selector]))}.' \
-             f'{"|".join(sorted(config[(scope, selector)]))}'
+      what = (
+          f'the binding {"/".join(filter(None, [scope, selector]))}.'
+          f'{"|".join(sorted(config[(scope, selector)]))}'
+      )
       candidates, name = known, selector
     close = difflib.get_close_matches(name, candidates, n=3)
     hint = f' (did you mean {" or ".join(close)}?)' if close else ''
-    problems.append(f'{what} ({_where((scope, selector), files, bindings)}) is set but nothing '
-                    f'in this run reads it{hint}')
+    problems.append(
+        f'{what} ({_where((scope, selector), files, bindings)}) is set but nothing '
+        f'in this run reads it{hint}'
+    )
   raise ConfigError('; '.join(sorted(problems)))
 
 

@@ -11,7 +11,8 @@ import dataclasses
 import io
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -21,8 +22,15 @@ from dsbs_jax.network import T5Config
 
 Params = dict[str, Any]
 
-_HF_ACTIVATIONS = {'gelu_new': 'gelu', 'gelu_pytorch_tanh': 'gelu', 'gelu': 'gelu_exact',
-                   'gelu_python': 'gelu_exact', 'relu': 'relu', 'silu': 'silu', 'swish': 'silu'}
+_HF_ACTIVATIONS = {
+    'gelu_new': 'gelu',
+    'gelu_pytorch_tanh': 'gelu',
+    'gelu': 'gelu_exact',
+    'gelu_python': 'gelu_exact',
+    'relu': 'relu',
+    'silu': 'silu',
+    'swish': 'silu',
+}
 # HF reads `gated-gelu` as tanh-GELU (`gelu_new`), so a gated exact GELU is spelled
 # with `gelu_python`, HF's erf GELU, which it keeps as written.
 _OUR_ACTIVATIONS = {'gelu': 'gelu_new', 'gelu_exact': 'gelu', 'relu': 'relu', 'silu': 'silu'}
@@ -43,25 +51,28 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> T5Config:
   act = proj.split('-')[-1]
   act = 'gelu_new' if gated and act == 'gelu' else act
   if act not in _HF_ACTIVATIONS:
-    raise ConfigError(f'HF feed_forward_proj {proj!r} has no counterpart here; supported: '
-                      f'{sorted(_HF_ACTIVATIONS)}, optionally gated-')
+    raise ConfigError(
+        f'HF feed_forward_proj {proj!r} has no counterpart here; supported: '
+        f'{sorted(_HF_ACTIVATIONS)}, optionally gated-'
+    )
   ours = _HF_ACTIVATIONS[act]
-  fields = dict(
-      vocab_size=hf_config['vocab_size'],
-      emb_dim=hf_config['d_model'],
-      num_heads=hf_config['num_heads'],
-      num_encoder_layers=hf_config['num_layers'],
-      num_decoder_layers=hf_config.get('num_decoder_layers') or hf_config['num_layers'],
-      head_dim=hf_config['d_kv'],
-      mlp_dim=hf_config['d_ff'],
-      mlp_activations=(ours, 'linear') if gated else (ours,),
-      logits_via_embedding=hf_config.get('scale_decoder_outputs',
-                                         hf_config.get('tie_word_embeddings', True)),
-      dropout_rate=hf_config.get('dropout_rate', 0.1),
-      relative_attention_num_buckets=hf_config.get('relative_attention_num_buckets', 32),
-      relative_attention_max_distance=hf_config.get('relative_attention_max_distance', 128),
-      layer_norm_epsilon=hf_config.get('layer_norm_epsilon', 1e-6),
-  )
+  fields = {
+      'vocab_size': hf_config['vocab_size'],
+      'emb_dim': hf_config['d_model'],
+      'num_heads': hf_config['num_heads'],
+      'num_encoder_layers': hf_config['num_layers'],
+      'num_decoder_layers': hf_config.get('num_decoder_layers') or hf_config['num_layers'],
+      'head_dim': hf_config['d_kv'],
+      'mlp_dim': hf_config['d_ff'],
+      'mlp_activations': (ours, 'linear') if gated else (ours,),
+      'logits_via_embedding': hf_config.get(
+          'scale_decoder_outputs', hf_config.get('tie_word_embeddings', True)
+      ),
+      'dropout_rate': hf_config.get('dropout_rate', 0.1),
+      'relative_attention_num_buckets': hf_config.get('relative_attention_num_buckets', 32),
+      'relative_attention_max_distance': hf_config.get('relative_attention_max_distance', 128),
+      'layer_norm_epsilon': hf_config.get('layer_norm_epsilon', 1e-6),
+  }
   fields.update(overrides)
   return T5Config(**fields)
 
@@ -77,17 +88,28 @@ def config_to_hf(config: T5Config) -> dict[str, Any]:
     proj = 'gated-gelu' if hf_act == 'gelu_new' else f'gated-{hf_act}'
   else:
     proj = _OUR_ACTIVATIONS[acts[0]]
-  return dict(
-      architectures=['T5ForConditionalGeneration'], model_type='t5',
-      vocab_size=config.vocab_size, d_model=config.emb_dim, num_heads=config.num_heads,
-      num_layers=config.num_encoder_layers, num_decoder_layers=config.num_decoder_layers,
-      d_kv=config.head_dim, d_ff=config.mlp_dim, feed_forward_proj=proj,
-      tie_word_embeddings=config.logits_via_embedding,
-      scale_decoder_outputs=config.logits_via_embedding, dropout_rate=config.dropout_rate,
-      relative_attention_num_buckets=config.relative_attention_num_buckets,
-      relative_attention_max_distance=config.relative_attention_max_distance,
-      layer_norm_epsilon=config.layer_norm_epsilon, is_encoder_decoder=True,
-      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+  return {
+      'architectures': ['T5ForConditionalGeneration'],
+      'model_type': 't5',
+      'vocab_size': config.vocab_size,
+      'd_model': config.emb_dim,
+      'num_heads': config.num_heads,
+      'num_layers': config.num_encoder_layers,
+      'num_decoder_layers': config.num_decoder_layers,
+      'd_kv': config.head_dim,
+      'd_ff': config.mlp_dim,
+      'feed_forward_proj': proj,
+      'tie_word_embeddings': config.logits_via_embedding,
+      'scale_decoder_outputs': config.logits_via_embedding,
+      'dropout_rate': config.dropout_rate,
+      'relative_attention_num_buckets': config.relative_attention_num_buckets,
+      'relative_attention_max_distance': config.relative_attention_max_distance,
+      'layer_norm_epsilon': config.layer_norm_epsilon,
+      'is_encoder_decoder': True,
+      'pad_token_id': 0,
+      'eos_token_id': 1,
+      'decoder_start_token_id': 0,
+  }
 
 
 def _mlp_names(config: T5Config) -> list[str]:
@@ -97,34 +119,52 @@ def _mlp_names(config: T5Config) -> list[str]:
 
 def _attention_pairs(ours: str, theirs: str) -> list[tuple[str, str, bool]]:
   """(our kernel path, HF weight name, transpose) for one attention block."""
-  return [(f'{ours}/{o}/kernel', f'{theirs}.{t}.weight', True)
-          for o, t in (('query', 'q'), ('key', 'k'), ('value', 'v'), ('out', 'o'))]
+  return [
+      (f'{ours}/{o}/kernel', f'{theirs}.{t}.weight', True)
+      for o, t in (('query', 'q'), ('key', 'k'), ('value', 'v'), ('out', 'o'))
+  ]
 
 
 def _name_map(config: T5Config) -> list[tuple[str, str, bool]]:
   """Every (our path, HF name, transpose) pair; relpos tables transpose too."""
   pairs = [('token_embedder/embedding', 'shared.weight', False)]
-  for stack, n_layers in (('encoder', config.num_encoder_layers),
-                          ('decoder', config.num_decoder_layers)):
-    pairs.append((f'{stack}/relpos_bias/rel_embedding',
-                  f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight', True))
+  for stack, n_layers in (
+      ('encoder', config.num_encoder_layers),
+      ('decoder', config.num_decoder_layers),
+  ):
+    pairs.append(
+        (
+            f'{stack}/relpos_bias/rel_embedding',
+            f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight',
+            True,
+        )
+    )
     for i in range(n_layers):
       ours, hf = f'{stack}/layers_{i}', f'{stack}.block.{i}.layer'
       pairs += _attention_pairs(
           f'{ours}/attention' if stack == 'encoder' else f'{ours}/self_attention',
-          f'{hf}.0.SelfAttention')
-      pairs.append((f'{ours}/pre_attention_layer_norm/scale' if stack == 'encoder'
-                    else f'{ours}/pre_self_attention_layer_norm/scale',
-                    f'{hf}.0.layer_norm.weight', False))
+          f'{hf}.0.SelfAttention',
+      )
+      pairs.append(
+          (
+              f'{ours}/pre_attention_layer_norm/scale'
+              if stack == 'encoder'
+              else f'{ours}/pre_self_attention_layer_norm/scale',
+              f'{hf}.0.layer_norm.weight',
+              False,
+          )
+      )
       mlp_idx = 1
       if stack == 'decoder':
         pairs += _attention_pairs(f'{ours}/encoder_decoder_attention', f'{hf}.1.EncDecAttention')
-        pairs.append((f'{ours}/pre_cross_attention_layer_norm/scale',
-                      f'{hf}.1.layer_norm.weight', False))
+        pairs.append(
+            (f'{ours}/pre_cross_attention_layer_norm/scale', f'{hf}.1.layer_norm.weight', False)
+        )
         mlp_idx = 2
       for name in _mlp_names(config):
-        pairs.append((f'{ours}/mlp/{name}/kernel', f'{hf}.{mlp_idx}.DenseReluDense.{name}.weight',
-                      True))
+        pairs.append(
+            (f'{ours}/mlp/{name}/kernel', f'{hf}.{mlp_idx}.DenseReluDense.{name}.weight', True)
+        )
       pairs.append((f'{ours}/mlp/wo/kernel', f'{hf}.{mlp_idx}.DenseReluDense.wo.weight', True))
       pairs.append((f'{ours}/pre_mlp_layer_norm/scale', f'{hf}.{mlp_idx}.layer_norm.weight', False))
     norm = 'encoder_norm' if stack == 'encoder' else 'decoder_norm'
@@ -147,15 +187,18 @@ def _get(tree: Mapping[str, Any], path: str) -> Any:
   return tree
 
 
-def params_from_hf_state_dict(state_dict: Mapping[str, np.ndarray], config: T5Config,
-                              source: str = 'state dict') -> Params:
+def params_from_hf_state_dict(
+    state_dict: Mapping[str, np.ndarray], config: T5Config, source: str = 'state dict'
+) -> Params:
   """HF tensor names -> our nested parameter tree (float32 numpy)."""
   state_dict = dict(state_dict)
   head = state_dict.get('lm_head.weight')
   if config.logits_via_embedding:
-    if head is not None and not np.array_equal(head, state_dict.get('shared.weight')):
-      raise DataError(f'{source}: the config scales decoder outputs (a tied T5 v1.0 head) but '
-                       'the checkpoint has a separate lm_head.weight')
+    if head is not None and not np.array_equal(head, state_dict['shared.weight']):
+      raise DataError(
+          f'{source}: the config scales decoder outputs (a tied T5 v1.0 head) but '
+          'the checkpoint has a separate lm_head.weight'
+      )
   elif head is None and 'shared.weight' in state_dict:
     state_dict['lm_head.weight'] = state_dict['shared.weight']
   params: Params = {}
@@ -171,8 +214,10 @@ def params_from_hf_state_dict(state_dict: Mapping[str, np.ndarray], config: T5Co
     tied.add('lm_head.weight')
   unknown = sorted(k for k in state_dict if k not in used and k not in tied)
   if unknown:
-    raise DataError(f'{source}: tensors with no counterpart in the network: {unknown[:8]}'
-                   f'{" ..." if len(unknown) > 8 else ""}')
+    raise DataError(
+        f'{source}: tensors with no counterpart in the network: {unknown[:8]}'
+        f'{" ..." if len(unknown) > 8 else ""}'
+    )
   return params
 
 
@@ -192,6 +237,7 @@ def read_hf_state_dict(path: str) -> dict[str, np.ndarray]:
   torch_bin = os.path.join(path, 'pytorch_model.bin')
   if storage.exists(single) or storage.exists(index):
     from safetensors.numpy import load
+
     if storage.exists(single):
       return load(storage.read_bytes(single))
     shards = sorted(set(_read_json(index)['weight_map'].values()))
@@ -201,11 +247,15 @@ def read_hf_state_dict(path: str) -> dict[str, np.ndarray]:
     return state
   if storage.exists(torch_bin):
     import torch
-    state = torch.load(io.BytesIO(storage.read_bytes(torch_bin)), map_location='cpu',
-                       weights_only=True)
-    return {k: v.float().numpy() for k, v in state.items()}
-  raise DataError(f'{path}: no model.safetensors, model.safetensors.index.json or '
-                  'pytorch_model.bin (expected a HF save_pretrained directory)')
+
+    tensors = torch.load(
+        io.BytesIO(storage.read_bytes(torch_bin)), map_location='cpu', weights_only=True
+    )
+    return {k: v.float().numpy() for k, v in tensors.items()}
+  raise DataError(
+      f'{path}: no model.safetensors, model.safetensors.index.json or '
+      'pytorch_model.bin (expected a HF save_pretrained directory)'
+  )
 
 
 def _read_json(path: str) -> Any:
@@ -240,7 +290,10 @@ def load_hf_checkpoint(path: str, **config_overrides: Any) -> tuple[T5Config, Pa
 def save_hf_checkpoint(path: str, config: T5Config, params: Mapping[str, Any]) -> None:
   """Writes `config.json` and `model.safetensors` that `from_pretrained` loads."""
   from safetensors.numpy import save
+
   hf_config = config_to_hf(config)
-  storage.write_atomic(os.path.join(path, 'model.safetensors'),
-                       save(params_to_hf_state_dict(params, config), metadata={'format': 'pt'}))
+  storage.write_atomic(
+      os.path.join(path, 'model.safetensors'),
+      save(params_to_hf_state_dict(params, config), metadata={'format': 'pt'}),
+  )
   storage.write_atomic(os.path.join(path, 'config.json'), json.dumps(hf_config, indent=2))

@@ -16,7 +16,8 @@ Shapes: b = batch, l = target length, v = vocabulary, k = number of tasks.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,22 +32,28 @@ RATIONALE_TASK = 2
 TASK_NAMES = {LABEL_TASK: 'label', RATIONALE_TASK: 'rationale'}
 
 
-def task_weights(lambda_: Optional[float] = None, alpha: Optional[float] = None) -> tuple[float, float]:
+def task_weights(
+    lambda_: Optional[float] = None, alpha: Optional[float] = None
+) -> tuple[float, float]:
   """(w_label, w_rationale) from exactly one of the paper's λ or the reference's α."""
   if (lambda_ is None) == (alpha is None):
-    raise ConfigError(f'set exactly one of LAMBDA (the paper\'s form) and ALPHA (the reference '
-                      f'code\'s; then LAMBDA = None); got LAMBDA={lambda_}, ALPHA={alpha}')
+    raise ConfigError(
+        f"set exactly one of LAMBDA (the paper's form) and ALPHA (the reference "
+        f"code's; then LAMBDA = None); got LAMBDA={lambda_}, ALPHA={alpha}"
+    )
   if lambda_ is not None:
     if lambda_ < 0:
       raise ConfigError(f'LAMBDA must be >= 0; got {lambda_}')
     return 1.0, float(lambda_)
+  assert alpha is not None  # exactly one is set
   if not 0.0 <= alpha <= 1.0:
     raise ConfigError(f'ALPHA must be in [0, 1]; got {alpha}')
   return float(alpha), 1.0 - float(alpha)
 
 
-def token_cross_entropy(logits: Array, targets: Array, label_smoothing: float = 0.0,
-                        z_loss: float = 0.0) -> tuple[Array, Array]:
+def token_cross_entropy(
+    logits: Array, targets: Array, label_smoothing: float = 0.0, z_loss: float = 0.0
+) -> tuple[Array, Array]:
   """Per-token cross-entropy with T5X's label smoothing and z-loss.
 
   logits [b, l, v] float, targets [b, l] int -> (loss [b, l], z_loss [b, l]).
@@ -75,8 +82,9 @@ def task_token_counts(task_ids: Array, num_tasks: int) -> Array:
   return jnp.sum(onehot, axis=(0, 1))
 
 
-def per_task_mean(token_values: Array, task_ids: Array, num_tasks: int,
-                  counts: Optional[Array] = None) -> tuple[Array, Array]:
+def per_task_mean(
+    token_values: Array, task_ids: Array, num_tasks: int, counts: Optional[Array] = None
+) -> tuple[Array, Array]:
   """Mean of a per-token quantity within each task.
 
   token_values [b, l] float, task_ids [b, l] int in [0, num_tasks] ->
@@ -92,8 +100,9 @@ def per_task_mean(token_values: Array, task_ids: Array, num_tasks: int,
   return sums / jnp.maximum(counts, 1.0), counts
 
 
-def multitask_loss(token_loss: Array, task_ids: Array, weights: Sequence[float],
-                   counts: Optional[Array] = None) -> tuple[Array, Array, Array]:
+def multitask_loss(
+    token_loss: Array, task_ids: Array, weights: Sequence[float], counts: Optional[Array] = None
+) -> tuple[Array, Array, Array]:
   """The weighted sum of per-task mean losses.
 
   token_loss [b, l], task_ids [b, l], weights [k] (weight of task id i at i-1),

@@ -4,7 +4,8 @@ pod slice is rented (`dsbs-train --plan=32x8`)."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -21,8 +22,9 @@ def _shards(spec: PartitionSpec, mesh_shape: Mapping[str, int]) -> int:
   return count
 
 
-def activation_bytes_estimate(config: Any, input_shapes: Mapping[str, tuple[int, ...]],
-                              mesh_shape: Mapping[str, int]) -> float:
+def activation_bytes_estimate(
+    config: Any, input_shapes: Mapping[str, tuple[int, ...]], mesh_shape: Mapping[str, int]
+) -> float:
   """Rough bytes per device of the activations a train step keeps for backprop.
 
   Per token and layer: ~10 (encoder) / 14 (decoder) embed-sized tensors and 3
@@ -43,16 +45,18 @@ def activation_bytes_estimate(config: Any, input_shapes: Mapping[str, tuple[int,
   longest = max(enc, dec)
   attention_block = 3 * b * heads * min(config.attention_block_size, longest) * longest
   if config.remat:
-    elements = (b * config.emb_dim * (config.num_encoder_layers * enc
-                                      + config.num_decoder_layers * dec) + max(per_enc, per_dec))
+    elements = b * config.emb_dim * (
+        config.num_encoder_layers * enc + config.num_decoder_layers * dec
+    ) + max(per_enc, per_dec)
   else:
     elements = config.num_encoder_layers * per_enc + config.num_decoder_layers * per_dec
   logits = 3 * b * dec * config.vocab_size / m
   return elements * size + (attention_block + logits) * 4
 
 
-def memory_plan(trainer: Trainer, input_shapes: Mapping[str, tuple[int, ...]],
-                mesh_shape: Mapping[str, int]) -> str:
+def memory_plan(
+    trainer: Trainer, input_shapes: Mapping[str, tuple[int, ...]], mesh_shape: Mapping[str, int]
+) -> str:
   """The mesh, each parameter's sharding, and bytes per device of the train state.
 
   Works from shapes alone (`jax.eval_shape`), for any mesh shape, so an XXL
@@ -61,25 +65,37 @@ def memory_plan(trainer: Trainer, input_shapes: Mapping[str, tuple[int, ...]],
   rules = trainer.partitioner.rules
   specs, abstract = trainer.state_logical_specs(input_shapes)
   logical, opt_logical = specs.params, specs.opt_state
-  to_mesh = lambda spec: nn.logical_to_mesh_axes(spec, rules)  # noqa: E731
-  lines = [f'mesh {dict(mesh_shape)} ({_shards(PartitionSpec(*mesh_shape), mesh_shape)} devices)',
-           f'{"parameter":60} {"shape":>18} {"logical axes":>28} {"mesh axes":>22} {"MiB/dev":>9}']
+
+  def to_mesh(spec: PartitionSpec) -> PartitionSpec:
+    return nn.logical_to_mesh_axes(tuple(spec), rules) or PartitionSpec()
+
+  lines = [
+      f'mesh {dict(mesh_shape)} ({_shards(PartitionSpec(*mesh_shape), mesh_shape)} devices)',
+      f'{"parameter":60} {"shape":>18} {"logical axes":>28} {"mesh axes":>22} {"MiB/dev":>9}',
+  ]
   param_bytes = 0.0
   flat = jax.tree_util.tree_flatten_with_path(
-      logical, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
-  for (path, spec), leaf in zip(flat, jax.tree_util.tree_leaves(abstract.params)):
+      logical, is_leaf=lambda x: isinstance(x, PartitionSpec)
+  )[0]
+  for (path, spec), leaf in zip(flat, jax.tree_util.tree_leaves(abstract.params), strict=True):
     mesh_spec = to_mesh(spec)
     n = leaf.size * leaf.dtype.itemsize / _shards(mesh_spec, mesh_shape)
     param_bytes += n
-    lines.append(f'{"/".join(path_names(path)):60} {str(leaf.shape):>18} '
-                 f'{str(tuple(spec)):>28} {str(tuple(mesh_spec)):>22} {n / 2**20:9.2f}')
+    lines.append(
+        f'{"/".join(path_names(path)):60} {leaf.shape!s:>18} '
+        f'{tuple(spec)!s:>28} {tuple(mesh_spec)!s:>22} {n / 2**20:9.2f}'
+    )
   opt_flat = jax.tree_util.tree_leaves(opt_logical, is_leaf=lambda x: isinstance(x, PartitionSpec))
-  opt_bytes = sum(leaf.size * leaf.dtype.itemsize / _shards(to_mesh(spec), mesh_shape)
-                  for spec, leaf in zip(opt_flat, jax.tree_util.tree_leaves(abstract.opt_state)))
+  opt_bytes = sum(
+      leaf.size * leaf.dtype.itemsize / _shards(to_mesh(spec), mesh_shape)
+      for spec, leaf in zip(opt_flat, jax.tree_util.tree_leaves(abstract.opt_state), strict=True)
+  )
   act = activation_bytes_estimate(trainer.model.module.config, input_shapes, mesh_shape)
   gib = 2.0**30
-  lines.append(f'per device: params {param_bytes / gib:.2f} GiB, gradients '
-               f'{param_bytes / gib:.2f} GiB, optimizer state {opt_bytes / gib:.2f} GiB, '
-               f'activations ~{act / gib:.2f} GiB (estimate); total '
-               f'~{(2 * param_bytes + opt_bytes + act) / gib:.2f} GiB')
+  lines.append(
+      f'per device: params {param_bytes / gib:.2f} GiB, gradients '
+      f'{param_bytes / gib:.2f} GiB, optimizer state {opt_bytes / gib:.2f} GiB, '
+      f'activations ~{act / gib:.2f} GiB (estimate); total '
+      f'~{(2 * param_bytes + opt_bytes + act) / gib:.2f} GiB'
+  )
   return '\n'.join(lines)

@@ -7,7 +7,8 @@ T5X bridge only has to subclass and forward.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import jax
 import jax.numpy as jnp
@@ -34,15 +35,23 @@ class StepByStepModel:
     needs no input-pipeline stack.
     """
     from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
+
     return StepByStepFeatureConverter
 
-  def __init__(self, module: network.Transformer, input_vocabulary: seqio.Vocabulary,
-               output_vocabulary: seqio.Vocabulary,
-               task_weights: Sequence[float] = (1.0, 1.0), label_smoothing: float = 0.0,
-               z_loss: float = 0.0):
+  def __init__(
+      self,
+      module: network.Transformer,
+      input_vocabulary: seqio.Vocabulary,
+      output_vocabulary: seqio.Vocabulary,
+      task_weights: Sequence[float] = (1.0, 1.0),
+      label_smoothing: float = 0.0,
+      z_loss: float = 0.0,
+  ):
     if module.config.vocab_size < output_vocabulary.vocab_size:
-      raise ValueError(f'T5Config.vocab_size={module.config.vocab_size} is smaller than the '
-                       f'output vocabulary ({output_vocabulary.vocab_size} ids)')
+      raise ValueError(
+          f'T5Config.vocab_size={module.config.vocab_size} is smaller than the '
+          f'output vocabulary ({output_vocabulary.vocab_size} ids)'
+      )
     self.module = module
     self.input_vocabulary = input_vocabulary
     self.output_vocabulary = output_vocabulary
@@ -50,8 +59,12 @@ class StepByStepModel:
     self.label_smoothing = label_smoothing
     self.z_loss = z_loss
 
-  def get_initial_variables(self, rng: Array, input_shapes: Mapping[str, Sequence[int]],
-                            input_types: Optional[Mapping[str, Any]] = None) -> Mapping[str, Any]:
+  def get_initial_variables(
+      self,
+      rng: Array,
+      input_shapes: Mapping[str, Sequence[int]],
+      input_types: Optional[Mapping[str, Any]] = None,
+  ) -> Mapping[str, Any]:
     """Boxed (logically partitioned) variables for inputs of these shapes."""
     del input_types
     enc = jnp.ones(input_shapes['encoder_input_tokens'], jnp.int32)
@@ -60,10 +73,17 @@ class StepByStepModel:
 
   def _logits(self, params: Params, batch: Batch, dropout_rng: Optional[Array]) -> Array:
     rngs = {'dropout': dropout_rng} if dropout_rng is not None else None
-    return self.module.apply(
-        {'params': params}, batch['encoder_input_tokens'], batch['decoder_input_tokens'],
-        batch['decoder_target_tokens'], batch.get('encoder_segment_ids'),
-        batch.get('decoder_segment_ids'), enable_dropout=dropout_rng is not None, rngs=rngs)
+    logits = self.module.apply(
+        {'params': params},
+        batch['encoder_input_tokens'],
+        batch['decoder_input_tokens'],
+        batch['decoder_target_tokens'],
+        batch.get('encoder_segment_ids'),
+        batch.get('decoder_segment_ids'),
+        enable_dropout=dropout_rng is not None,
+        rngs=rngs,
+    )
+    return cast(Array, logits)
 
   @staticmethod
   def task_ids(batch: Batch) -> Array:
@@ -73,8 +93,13 @@ class StepByStepModel:
     weights = batch.get('decoder_loss_weights', batch['decoder_target_tokens'] > 0)
     return jnp.where(weights > 0, losses.LABEL_TASK, losses.PAD_TASK)
 
-  def loss_fn(self, params: Params, batch: Batch, dropout_rng: Optional[Array],
-              task_token_counts: Optional[Array] = None) -> tuple[Array, dict[str, Array]]:
+  def loss_fn(
+      self,
+      params: Params,
+      batch: Batch,
+      dropout_rng: Optional[Array],
+      task_token_counts: Optional[Array] = None,
+  ) -> tuple[Array, dict[str, Array]]:
     """(scalar loss, metrics) for a (possibly packed, multi-task) batch.
 
     `task_token_counts` [k], the whole batch's, makes a microbatch's loss and
@@ -82,11 +107,13 @@ class StepByStepModel:
     """
     logits = self._logits(params, batch, dropout_rng)
     targets = batch['decoder_target_tokens']
-    token_loss, token_z = losses.token_cross_entropy(logits, targets, self.label_smoothing,
-                                                     self.z_loss)
+    token_loss, token_z = losses.token_cross_entropy(
+        logits, targets, self.label_smoothing, self.z_loss
+    )
     task_ids = self.task_ids(batch)
-    loss, task_losses, counts = losses.multitask_loss(token_loss, task_ids, self.task_weights,
-                                                      task_token_counts)
+    loss, task_losses, counts = losses.multitask_loss(
+        token_loss, task_ids, self.task_weights, task_token_counts
+    )
     correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
     task_acc, _ = losses.per_task_mean(correct, task_ids, len(self.task_weights), counts)
     z_means, _ = losses.per_task_mean(token_z, task_ids, len(self.task_weights), counts)
@@ -104,8 +131,9 @@ class StepByStepModel:
     weights = batch.get('decoder_loss_weights', batch['decoder_target_tokens'] > 0)
     return -jnp.sum(token_loss * weights, axis=-1)
 
-  def init_cache(self, params: Params, encoded: Array, encoder_input_tokens: Array,
-                 length: int) -> Any:
+  def init_cache(
+      self, params: Params, encoded: Array, encoder_input_tokens: Array, length: int
+  ) -> Any:
     """The decoding cache for `length` steps, given the encoder output [b, l_in, e].
 
     Cross-attention projects `encoded` into the cache here, once, so the cache
@@ -113,27 +141,54 @@ class StepByStepModel:
     """
     tokens = jnp.zeros((encoder_input_tokens.shape[0], length), jnp.int32)
     _, variables = self.module.apply(
-        {'params': params}, encoded, encoder_input_tokens, tokens, enable_dropout=False,
-        decode=True, max_decode_length=length, method=network.Transformer.decode,
-        mutable=['cache'])
+        {'params': params},
+        encoded,
+        encoder_input_tokens,
+        tokens,
+        enable_dropout=False,
+        decode=True,
+        max_decode_length=length,
+        method=network.Transformer.decode,
+        mutable=['cache'],
+    )
     return variables['cache']
 
-  def predict_batch(self, params: Params, batch: Batch, rng: Optional[Array] = None,
-                    max_decode_length: Optional[int] = None) -> Array:
+  def predict_batch(
+      self,
+      params: Params,
+      batch: Batch,
+      rng: Optional[Array] = None,
+      max_decode_length: Optional[int] = None,
+  ) -> Array:
     """[b, l] greedy tokens; l defaults to the batch's decoder length."""
     del rng
     enc_tokens = batch['encoder_input_tokens']
     length = max_decode_length or batch['decoder_input_tokens'].shape[1]
-    encoded = self.module.apply({'params': params}, enc_tokens, enable_dropout=False,
-                                method=network.Transformer.encode)
+    encoded = cast(
+        Array,
+        self.module.apply(
+            {'params': params}, enc_tokens, enable_dropout=False, method=network.Transformer.encode
+        ),
+    )
 
     def run_decoder(tokens, cache):
       logits, new_vars = self.module.apply(
-          {'params': params, 'cache': cache}, encoded, enc_tokens, tokens, enable_dropout=False,
-          decode=True, max_decode_length=length, method=network.Transformer.decode,
-          mutable=['cache'])
+          {'params': params, 'cache': cache},
+          encoded,
+          enc_tokens,
+          tokens,
+          enable_dropout=False,
+          decode=True,
+          max_decode_length=length,
+          method=network.Transformer.decode,
+          mutable=['cache'],
+      )
       return logits[:, -1], new_vars['cache']
 
-    return decoding.greedy_decode(run_decoder, self.init_cache(params, encoded, enc_tokens, length),
-                                  enc_tokens.shape[0], length,
-                                  eos_id=self.output_vocabulary.eos_id)
+    return decoding.greedy_decode(
+        run_decoder,
+        self.init_cache(params, encoded, enc_tokens, length),
+        enc_tokens.shape[0],
+        length,
+        eos_id=self.output_vocabulary.eos_id,
+    )

@@ -13,7 +13,8 @@ import logging
 import os
 import socket
 import time
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import numpy as np
 from tensorboard.compat.proto import event_pb2
@@ -33,12 +34,15 @@ class EventFileWriter:
 
   def __init__(self, directory: storage.PathLike):
     EventFileWriter._count += 1
-    name = (f'events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}.'
-            f'{EventFileWriter._count}.v2')
+    name = (
+        f'events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}.'
+        f'{EventFileWriter._count}.v2'
+    )
     self._file = storage.AppendFile(storage.resolve(directory) / name)
     self._records = RecordWriter(self._file)
-    self._records.write(event_pb2.Event(wall_time=time.time(),
-                                        file_version='brain.Event:2').SerializeToString())
+    self._records.write(
+        event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2').SerializeToString()
+    )
 
   def write(self, step: int, summary: Any) -> None:
     event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
@@ -113,8 +117,15 @@ class Progress:
     self._last_step, self._last_time = step, now
     eta = _duration((self.total_steps - step) / rate) if rate else '?'
     shown = ' '.join(f'{k}={v:.4g}' for k, v in scalars.items())
-    log.info('step %d/%d (%.0f%%) %s | %.2f steps/s | ETA %s', step, self.total_steps,
-             100.0 * step / max(self.total_steps, 1), shown, rate, eta)
+    log.info(
+        'step %d/%d (%.0f%%) %s | %.2f steps/s | ETA %s',
+        step,
+        self.total_steps,
+        100.0 * step / max(self.total_steps, 1),
+        shown,
+        rate,
+        eta,
+    )
     return rate
 
 
@@ -148,8 +159,15 @@ def seqio_loggers() -> tuple[type, type]:
   class TensorBoardLogger(seqio.Logger):
     """Each task's scalar metrics to `<output_dir>/<task>/events.*` (SeqIO's layout)."""
 
-    def __call__(self, task_name: str, step: Optional[int], metrics: Mapping[str, Any],
-                 dataset: Any, inferences: Any, targets: Any) -> None:
+    def __call__(
+        self,
+        task_name: str,
+        step: Optional[int],
+        metrics: Mapping[str, Any],
+        dataset: Any,
+        inferences: Any,
+        targets: Any,
+    ) -> None:
       del dataset, inferences, targets
       scalars = {f'eval/{k}': v for k, v in metrics.items() if _scalar(v) is not None}
       writer = EventFileWriter(storage.resolve(self.output_dir) / task_name)
@@ -161,9 +179,15 @@ def seqio_loggers() -> tuple[type, type]:
     """`<task>-metrics.jsonl` (one line per step) and `<task>-<step>.jsonl` (every
     example with its target and prediction), as SeqIO's JSONLogger writes them."""
 
-    def __call__(self, task_name: str, step: Optional[int], metrics: Mapping[str, Any],
-                 dataset: Any, inferences: Optional[Mapping[str, Sequence[Any]]],
-                 targets: Optional[Sequence[Any]]) -> None:
+    def __call__(
+        self,
+        task_name: str,
+        step: Optional[int],
+        metrics: Mapping[str, Any],
+        dataset: Any,
+        inferences: Optional[Mapping[str, Sequence[Any]]],
+        targets: Optional[Sequence[Any]],
+    ) -> None:
       step = -1 if step is None else step
       out = storage.resolve(self.output_dir)
       values = {k: _scalar(v) for k, v in metrics.items() if _scalar(v) is not None}
@@ -175,10 +199,11 @@ def seqio_loggers() -> tuple[type, type]:
         return
       kinds = [k for k in inferences if k != 'aux_value']
       rows = []
-      for i, (example, target) in enumerate(zip(dataset.as_numpy_iterator(), targets)):
-        row = {'input': _jsonable({k: v for k, v in example.items()
-                                   if k.endswith('_pretokenized')}),
-               'target': _jsonable(target)}
+      for i, (example, target) in enumerate(zip(dataset.as_numpy_iterator(), targets, strict=True)):
+        row = {
+            'input': _jsonable({k: v for k, v in example.items() if k.endswith('_pretokenized')}),
+            'target': _jsonable(target),
+        }
         row.update({k: _jsonable(inferences[k][i]) for k in kinds})
         rows.append(json.dumps(row))
       storage.write_atomic(out / f'{task_name}-{step:06d}.jsonl', '\n'.join(rows) + '\n')

@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union, cast
 
 import flax
 import jax
@@ -71,14 +72,23 @@ class T5Config:
   attention_block_size: int = 256
 
   def __post_init__(self):
-    for name in ('vocab_size', 'emb_dim', 'num_heads', 'num_encoder_layers',
-                 'num_decoder_layers', 'head_dim', 'mlp_dim', 'attention_block_size'):
+    for name in (
+        'vocab_size',
+        'emb_dim',
+        'num_heads',
+        'num_encoder_layers',
+        'num_decoder_layers',
+        'head_dim',
+        'mlp_dim',
+        'attention_block_size',
+    ):
       if int(getattr(self, name)) < 1:
         raise ConfigError(f'T5Config.{name} must be >= 1, got {getattr(self, name)}')
     unknown = [a for a in self.mlp_activations if a not in ACTIVATIONS]
     if unknown:
-      raise ConfigError(f'T5Config.mlp_activations: unknown {unknown}; '
-                       f'choose from {sorted(ACTIVATIONS)}')
+      raise ConfigError(
+          f'T5Config.mlp_activations: unknown {unknown}; choose from {sorted(ACTIVATIONS)}'
+      )
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ConfigError(f'T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}')
     object.__setattr__(self, 'mlp_activations', tuple(self.mlp_activations))
@@ -90,16 +100,20 @@ class T5Config:
   def architecture(self) -> dict[str, Any]:
     """The fields that define the function the weights compute (not how it runs or trains):
     two configs that agree here can exchange weights."""
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-            if f.name not in _RUNTIME_FIELDS}
+    return {
+        f.name: getattr(self, f.name)
+        for f in dataclasses.fields(self)
+        if f.name not in _RUNTIME_FIELDS
+    }
 
 
 # T5Config fields that change how the network runs or trains, not what its weights mean.
 _RUNTIME_FIELDS = ('dropout_rate', 'dtype', 'remat', 'attention_block_size')
 
 
-def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
-                             num_buckets: int, max_distance: int) -> np.ndarray:
+def relative_position_bucket(
+    relative_position: np.ndarray, bidirectional: bool, num_buckets: int, max_distance: int
+) -> np.ndarray:
   """Maps `memory_pos - query_pos` to T5's log-spaced buckets.
 
   Computed in float32 exactly as HF/Mesh-TF do, so bucket edges agree. Positions
@@ -124,10 +138,21 @@ def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool,
   return buckets + np.where(is_small, rp, large)
 
 
-def _kernel(module: nn.Module, shape: tuple[int, int], axes: tuple[str, str],
-            init: Initializer) -> Array:
+def _param(
+    module: nn.Module, name: str, init: Initializer, axes: tuple[str, ...], shape: tuple[int, ...]
+) -> Array:
+  """A float32 parameter with logical axis names. Flax unboxes it when read, so the
+  module sees the array (its static type is the box)."""
+  return cast(
+      Array, module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+  )
+
+
+def _kernel(
+    module: nn.Module, shape: tuple[int, int], axes: tuple[str, str], init: Initializer
+) -> Array:
   """A projection's float32 `kernel`, stored 2-D as in T5X checkpoints."""
-  return module.param('kernel', nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+  return _param(module, 'kernel', init, axes, shape)
 
 
 class Kernel(nn.Module):
@@ -135,11 +160,11 @@ class Kernel(nn.Module):
 
   shape: tuple[int, int]
   axes: tuple[str, str]
-  init: Initializer
+  initializer: Initializer
 
   @nn.compact
   def __call__(self) -> Array:
-    return _kernel(self, self.shape, self.axes, self.init)
+    return _kernel(self, self.shape, self.axes, self.initializer)
 
 
 def project(x: Array, kernels: Sequence[Array], dtype: jnp.dtype) -> list[Array]:
@@ -175,10 +200,13 @@ class Embed(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
-    self.embedding = self.param(
+    self.embedding = _param(
+        self,
         'embedding',
-        nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ('vocab', 'embed')),
-        (self.num_embeddings, self.features), jnp.float32)
+        nn.initializers.normal(stddev=1.0),
+        ('vocab', 'embed'),
+        (self.num_embeddings, self.features),
+    )
 
   def __call__(self, tokens: Array) -> Array:
     """[b, l] int -> [b, l, e]."""
@@ -199,8 +227,7 @@ class RMSNorm(nn.Module):
   def __call__(self, x: Array) -> Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
-    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
-                       (x.shape[-1],), jnp.float32)
+    scale = _param(self, 'scale', nn.initializers.ones, ('embed',), (x.shape[-1],))
     return (y * scale).astype(self.dtype)
 
 
@@ -213,11 +240,13 @@ class RelativePositionBias(nn.Module):
   @nn.compact
   def __call__(self) -> Array:
     """The table [h, num_buckets]; `AttentionBias` looks it up block by block."""
-    return self.param(
+    return _param(
+        self,
         'rel_embedding',
-        nn.with_logical_partitioning(nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform'),
-                                     ('heads', 'relpos_buckets')),
-        (self.num_heads, self.num_buckets), jnp.float32)
+        nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform'),
+        ('heads', 'relpos_buckets'),
+        (self.num_heads, self.num_buckets),
+    )
 
 
 @flax.struct.dataclass
@@ -249,26 +278,41 @@ class AttentionBias:
       query_pos = start + jnp.arange(size)
       mask &= (query_pos[:, None] >= jnp.arange(self.key_valid.shape[1])[None, :])[None, None]
     bias = jnp.where(mask, 0.0, _NEG_INF).astype(jnp.float32)
-    if self.relpos_table is not None:
+    if self.relpos_table is not None and self.relpos_buckets is not None:
       buckets = jax.lax.dynamic_slice_in_dim(self.relpos_buckets, start, size, axis=0)
       bias = bias + jnp.take(jnp.asarray(self.relpos_table), buckets, axis=1)[None]
     return bias
 
-  def pad_queries(self, pad: int) -> 'AttentionBias':
+  def pad_queries(self, pad: int) -> AttentionBias:
     """The same bias with `pad` invalid query rows appended."""
     if pad == 0:
       return self
-    extend = lambda x: None if x is None else jnp.pad(x, ((0, 0), (0, pad)))  # noqa: E731
-    buckets = self.relpos_buckets
-    if buckets is not None:
-      buckets = jnp.pad(buckets, ((0, pad), (0, 0)), mode='edge')
-    return self.replace(query_valid=extend(self.query_valid),
-                        query_segments=extend(self.query_segments), relpos_buckets=buckets)
+
+    def extend(x: Array) -> Array:
+      return jnp.pad(x, ((0, 0), (0, pad)))
+
+    segments, buckets = self.query_segments, self.relpos_buckets
+    return dataclasses.replace(
+        self,
+        query_valid=extend(self.query_valid),
+        query_segments=None if segments is None else extend(segments),
+        relpos_buckets=None if buckets is None else jnp.pad(buckets, ((0, pad), (0, 0)), 'edge'),
+    )
 
 
-def dot_product_attention(query: Array, key: Array, value: Array, bias: AttentionBias, *,
-                          block_size: int, dropout_rng: Optional[Array], dropout_rate: float,
-                          dtype: jnp.dtype, query_start=0, kv_layout: str = 'bkhd') -> Array:
+def dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    bias: AttentionBias,
+    *,
+    block_size: int,
+    dropout_rng: Optional[Array],
+    dropout_rate: float,
+    dtype: jnp.dtype,
+    query_start=0,
+    kv_layout: str = 'bkhd',
+) -> Array:
   """Unscaled attention (T5 folds 1/sqrt(d) into the query initialisation),
   `block_size` query rows at a time.
 
@@ -315,8 +359,15 @@ class MultiHeadAttention(nn.Module):
   static_kv: bool = False
 
   @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array, bias: AttentionBias, *,
-               deterministic: bool, decode: bool = False) -> Array:
+  def __call__(
+      self,
+      inputs_q: Array,
+      inputs_kv: Array,
+      bias: AttentionBias,
+      *,
+      deterministic: bool,
+      decode: bool = False,
+  ) -> Array:
     """inputs_q [b, q, e], inputs_kv [b, k, e] -> [b, q, e].
 
     In self-attention decode mode q = 1 and `bias` covers the whole cache
@@ -330,7 +381,7 @@ class MultiHeadAttention(nn.Module):
     proj = functools.partial(Dense, features=hd, kernel_axes=('embed', 'joined_kv'), dtype=dtype)
 
     def split_heads(x: Array) -> Array:
-      x = x.reshape(x.shape[:2] + (cfg.num_heads, cfg.head_dim))
+      x = x.reshape((*x.shape[:2], cfg.num_heads, cfg.head_dim))
       return nn.with_logical_constraint(x, ('batch', 'length', 'heads', 'kv'))
 
     # Decoding keeps keys and values (its caches) as [b, h, k, d], the layout
@@ -349,16 +400,16 @@ class MultiHeadAttention(nn.Module):
     value_proj = proj(kernel_init=fan_in, name='value')
 
     if decode and self.static_kv:
-      cached_key = self.variable('cache', 'cached_key',
-                                 lambda: split_kv_heads(key_proj(inputs_kv)))
-      cached_value = self.variable('cache', 'cached_value',
-                                   lambda: split_kv_heads(value_proj(inputs_kv)))
+      cached_key = self.variable('cache', 'cached_key', lambda: split_kv_heads(key_proj(inputs_kv)))
+      cached_value = self.variable(
+          'cache', 'cached_value', lambda: split_kv_heads(value_proj(inputs_kv))
+      )
       key, value = cached_key.value, cached_value.value
     else:
       key = split_kv_heads(key_proj(inputs_kv))
       value = split_kv_heads(value_proj(inputs_kv))
 
-    query_start = 0
+    query_start: Union[int, Array] = 0
     if decode and not self.static_kv:
       initialized = self.has_variable('cache', 'cached_key')
       cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
@@ -366,13 +417,14 @@ class MultiHeadAttention(nn.Module):
       cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
       if initialized:
         if inputs_q.shape[1] != 1:
-          raise ValueError('Decoding consumes one token per step; got '
-                           f'{inputs_q.shape[1]} tokens.')
+          raise ValueError(f'Decoding consumes one token per step; got {inputs_q.shape[1]} tokens.')
         idx = cache_index.value
-        key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
-                                           (0, 0, idx, 0))
-        value = jax.lax.dynamic_update_slice(cached_value.value,
-                                             value.astype(cached_value.value.dtype), (0, 0, idx, 0))
+        key = jax.lax.dynamic_update_slice(
+            cached_key.value, key.astype(cached_key.value.dtype), (0, 0, idx, 0)
+        )
+        value = jax.lax.dynamic_update_slice(
+            cached_value.value, value.astype(cached_value.value.dtype), (0, 0, idx, 0)
+        )
         cached_key.value, cached_value.value = key, value
         cache_index.value = idx + 1
         query_start = idx
@@ -380,10 +432,19 @@ class MultiHeadAttention(nn.Module):
     dropout_rng = None
     if not deterministic and cfg.dropout_rate > 0.0:
       dropout_rng = self.make_rng('dropout')
-    out = dot_product_attention(query, key, value, bias, block_size=cfg.attention_block_size,
-                                dropout_rng=dropout_rng, dropout_rate=cfg.dropout_rate,
-                                dtype=dtype, query_start=query_start, kv_layout=kv_layout)
-    out = out.reshape(out.shape[:2] + (hd,))
+    out = dot_product_attention(
+        query,
+        key,
+        value,
+        bias,
+        block_size=cfg.attention_block_size,
+        dropout_rng=dropout_rng,
+        dropout_rate=cfg.dropout_rate,
+        dtype=dtype,
+        query_start=query_start,
+        kv_layout=kv_layout,
+    )
+    out = out.reshape((*out.shape[:2], hd))
     out = nn.with_logical_constraint(out, ('batch', 'length', 'joined_kv'))
     return Dense(cfg.emb_dim, ('joined_kv', 'embed'), fan_in, dtype, name='out')(out)
 
@@ -403,7 +464,7 @@ class MlpBlock(nn.Module):
     names = [f'wi_{i}' for i in range(len(acts))] if len(acts) > 1 else ['wi']
     kernels = [Kernel((x.shape[-1], cfg.mlp_dim), ('embed', 'mlp'), init, name=n)() for n in names]
     hidden = None
-    for act, h in zip(acts, project(x, kernels, dtype)):
+    for act, h in zip(acts, project(x, kernels, dtype), strict=True):
       h = ACTIVATIONS[act](h)
       hidden = h if hidden is None else hidden * h
     hidden = nn.with_logical_constraint(hidden, ('batch', 'length', 'mlp'))
@@ -422,7 +483,10 @@ class EncoderLayer(nn.Module):
   def __call__(self, x: Array, bias: AttentionBias, deterministic: bool) -> Array:
     cfg = self.config
     dtype = cfg.activation_dtype
-    drop = lambda y: nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
+
+    def drop(y: Array) -> Array:
+      return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
+
     y = RMSNorm(cfg.layer_norm_epsilon, dtype, name='pre_attention_layer_norm')(x)
     y = MultiHeadAttention(cfg, name='attention')(y, y, bias, deterministic=deterministic)
     x = _constrain(x + drop(y))
@@ -435,27 +499,46 @@ class DecoderLayer(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x: Array, encoded: Array, self_bias: AttentionBias,
-               cross_bias: AttentionBias,
-               deterministic: bool, decode: bool) -> Array:
+  def __call__(
+      self,
+      x: Array,
+      encoded: Array,
+      self_bias: AttentionBias,
+      cross_bias: AttentionBias,
+      deterministic: bool,
+      decode: bool,
+  ) -> Array:
     cfg = self.config
     dtype = cfg.activation_dtype
-    drop = lambda y: nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
+
+    def drop(y: Array) -> Array:
+      return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
+
     y = RMSNorm(cfg.layer_norm_epsilon, dtype, name='pre_self_attention_layer_norm')(x)
     y = MultiHeadAttention(cfg, name='self_attention')(
-        y, y, self_bias, deterministic=deterministic, decode=decode)
+        y, y, self_bias, deterministic=deterministic, decode=decode
+    )
     x = _constrain(x + drop(y))
     y = RMSNorm(cfg.layer_norm_epsilon, dtype, name='pre_cross_attention_layer_norm')(x)
     y = MultiHeadAttention(cfg, static_kv=True, name='encoder_decoder_attention')(
-        y, encoded, cross_bias, deterministic=deterministic, decode=decode)
+        y, encoded, cross_bias, deterministic=deterministic, decode=decode
+    )
     x = _constrain(x + drop(y))
     y = RMSNorm(cfg.layer_norm_epsilon, dtype, name='pre_mlp_layer_norm')(x)
     y = MlpBlock(cfg, name='mlp')(y, deterministic=deterministic)
     return _constrain(x + drop(y))
 
 
-def _run_layers(parent: nn.Module, layer_cls: type[nn.Module], cfg: T5Config, num_layers: int,
-                remat: bool, deterministic: bool, x: Array, *args: Any) -> Array:
+def _run_layers(
+    parent: nn.Module,
+    layer_cls: type[nn.Module],
+    cfg: T5Config,
+    num_layers: int,
+    remat: bool,
+    deterministic: bool,
+    x: Array,
+    *args: Any,
+) -> Array:
   """`x` through `parent`'s `layers_0..n-1`, each called as `layer(x, *args)`; `parent`
   calls this from its compact `__call__`.
 
@@ -480,7 +563,7 @@ def _run_layers(parent: nn.Module, layer_cls: type[nn.Module], cfg: T5Config, nu
   def body(y: Array, xs: tuple[Any, Optional[Array]]) -> tuple[Array, None]:
     layer_params, key = xs
     rngs = None if key is None else {'dropout': key}
-    return layer.apply({'params': layer_params}, y, *args, rngs=rngs), None
+    return cast(Array, layer.apply({'params': layer_params}, y, *args, rngs=rngs)), None
 
   return jax.lax.scan(jax.checkpoint(body, prevent_cse=False), x, (stacked, keys))[0]
 
@@ -488,9 +571,12 @@ def _run_layers(parent: nn.Module, layer_cls: type[nn.Module], cfg: T5Config, nu
 def _buckets(cfg: T5Config, length: int, bidirectional: bool) -> Array:
   """[length, length] int32 relative-position buckets of T5's position bias."""
   rp = np.arange(length)[None, :] - np.arange(length)[:, None]
-  return jnp.asarray(relative_position_bucket(rp, bidirectional,
-                                              cfg.relative_attention_num_buckets,
-                                              cfg.relative_attention_max_distance), jnp.int32)
+  return jnp.asarray(
+      relative_position_bucket(
+          rp, bidirectional, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
+      ),
+      jnp.int32,
+  )
 
 
 class Encoder(nn.Module):
@@ -503,16 +589,31 @@ class Encoder(nn.Module):
     cfg = self.config
     dtype = cfg.activation_dtype
     valid = tokens > 0
-    bias = AttentionBias(valid, valid, segment_ids, segment_ids,
-                         relpos_table=RelativePositionBias(
-                             cfg.relative_attention_num_buckets, cfg.num_heads,
-                             name='relpos_bias')(),
-                         relpos_buckets=_buckets(cfg, tokens.shape[1], bidirectional=True))
+    bias = AttentionBias(
+        valid,
+        valid,
+        segment_ids,
+        segment_ids,
+        relpos_table=RelativePositionBias(
+            cfg.relative_attention_num_buckets, cfg.num_heads, name='relpos_bias'
+        )(),
+        relpos_buckets=_buckets(cfg, tokens.shape[1], bidirectional=True),
+    )
     x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
-        self.shared_embedding(tokens), deterministic=deterministic)
+        self.shared_embedding(tokens), deterministic=deterministic
+    )
     x = _constrain(x)
-    x = _run_layers(self, EncoderLayer, cfg, cfg.num_encoder_layers, cfg.remat, deterministic,
-                    x, bias, deterministic)
+    x = _run_layers(
+        self,
+        EncoderLayer,
+        cfg,
+        cfg.num_encoder_layers,
+        cfg.remat,
+        deterministic,
+        x,
+        bias,
+        deterministic,
+    )
     x = RMSNorm(cfg.layer_norm_epsilon, dtype, name='encoder_norm')(x)
     return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
 
@@ -522,45 +623,84 @@ class Decoder(nn.Module):
   shared_embedding: Embed
 
   @nn.compact
-  def __call__(self, encoded: Array, encoder_tokens: Array, decoder_input_tokens: Array,
-               decoder_target_tokens: Optional[Array], encoder_segment_ids: Optional[Array],
-               decoder_segment_ids: Optional[Array], deterministic: bool, decode: bool,
-               max_decode_length: Optional[int]) -> Array:
+  def __call__(
+      self,
+      encoded: Array,
+      encoder_tokens: Array,
+      decoder_input_tokens: Array,
+      decoder_target_tokens: Optional[Array],
+      encoder_segment_ids: Optional[Array],
+      decoder_segment_ids: Optional[Array],
+      deterministic: bool,
+      decode: bool,
+      max_decode_length: Optional[int],
+  ) -> Array:
     """Returns logits [b, l, v] in float32."""
     cfg = self.config
     dtype = cfg.activation_dtype
     enc_valid = encoder_tokens > 0
-    relpos_table = RelativePositionBias(cfg.relative_attention_num_buckets, cfg.num_heads,
-                                        name='relpos_bias')()
+    relpos_table = RelativePositionBias(
+        cfg.relative_attention_num_buckets, cfg.num_heads, name='relpos_bias'
+    )()
     if decode:
       # Self-attention spans the whole cache; the cache index picks the query row.
       length = max_decode_length or decoder_input_tokens.shape[1]
       dec_valid = jnp.ones(decoder_input_tokens.shape, bool)
       cache_valid = jnp.ones((decoder_input_tokens.shape[0], length), bool)
-      self_bias = AttentionBias(cache_valid, cache_valid, causal=True, relpos_table=relpos_table,
-                                relpos_buckets=_buckets(cfg, length, bidirectional=False))
-    else:
-      dec_valid = (decoder_target_tokens if decoder_target_tokens is not None
-                   else jnp.ones_like(decoder_input_tokens)) > 0
       self_bias = AttentionBias(
-          dec_valid, dec_valid, decoder_segment_ids, decoder_segment_ids, causal=True,
+          cache_valid,
+          cache_valid,
+          causal=True,
           relpos_table=relpos_table,
-          relpos_buckets=_buckets(cfg, decoder_input_tokens.shape[1], bidirectional=False))
+          relpos_buckets=_buckets(cfg, length, bidirectional=False),
+      )
+    else:
+      dec_valid = (
+          decoder_target_tokens
+          if decoder_target_tokens is not None
+          else jnp.ones_like(decoder_input_tokens)
+      ) > 0
+      self_bias = AttentionBias(
+          dec_valid,
+          dec_valid,
+          decoder_segment_ids,
+          decoder_segment_ids,
+          causal=True,
+          relpos_table=relpos_table,
+          relpos_buckets=_buckets(cfg, decoder_input_tokens.shape[1], bidirectional=False),
+      )
     cross_bias = AttentionBias(dec_valid, enc_valid, decoder_segment_ids, encoder_segment_ids)
 
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
-        self.shared_embedding(decoder_input_tokens), deterministic=deterministic)
+        self.shared_embedding(decoder_input_tokens), deterministic=deterministic
+    )
     y = _constrain(y)
-    y = _run_layers(self, DecoderLayer, cfg, cfg.num_decoder_layers, cfg.remat and not decode,
-                    deterministic, y, encoded, self_bias, cross_bias, deterministic, decode)
+    y = _run_layers(
+        self,
+        DecoderLayer,
+        cfg,
+        cfg.num_decoder_layers,
+        cfg.remat and not decode,
+        deterministic,
+        y,
+        encoded,
+        self_bias,
+        cross_bias,
+        deterministic,
+        decode,
+    )
     y = RMSNorm(cfg.layer_norm_epsilon, dtype, name='decoder_norm')(y)
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
     if cfg.logits_via_embedding:
       logits = self.shared_embedding.attend(y) / jnp.sqrt(jnp.asarray(cfg.emb_dim, dtype))
     else:
-      logits = Dense(cfg.vocab_size, ('embed', 'vocab'),
-                     nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal'),
-                     dtype, name='logits_dense')(y)
+      logits = Dense(
+          cfg.vocab_size,
+          ('embed', 'vocab'),
+          nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal'),
+          dtype,
+          name='logits_dense',
+      )(y)
     logits = nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
     return logits.astype(jnp.float32)
 
@@ -572,33 +712,59 @@ class Transformer(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.shared_embedding = Embed(cfg.vocab_size, cfg.emb_dim, cfg.activation_dtype,
-                                  name='token_embedder')
+    self.shared_embedding = Embed(
+        cfg.vocab_size, cfg.emb_dim, cfg.activation_dtype, name='token_embedder'
+    )
     self.encoder = Encoder(cfg, self.shared_embedding)
     self.decoder = Decoder(cfg, self.shared_embedding)
 
-  def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None,
-             enable_dropout: bool = True) -> Array:
+  def encode(
+      self,
+      encoder_input_tokens: Array,
+      encoder_segment_ids: Optional[Array] = None,
+      enable_dropout: bool = True,
+  ) -> Array:
     """[b, l_in] -> [b, l_in, e]."""
     return self.encoder(encoder_input_tokens, encoder_segment_ids, not enable_dropout)
 
-  def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
-             decoder_target_tokens: Optional[Array] = None,
-             encoder_segment_ids: Optional[Array] = None,
-             decoder_segment_ids: Optional[Array] = None,
-             enable_dropout: bool = True, decode: bool = False,
-             max_decode_length: Optional[int] = None) -> Array:
+  def decode(
+      self,
+      encoded: Array,
+      encoder_input_tokens: Array,
+      decoder_input_tokens: Array,
+      decoder_target_tokens: Optional[Array] = None,
+      encoder_segment_ids: Optional[Array] = None,
+      decoder_segment_ids: Optional[Array] = None,
+      enable_dropout: bool = True,
+      decode: bool = False,
+      max_decode_length: Optional[int] = None,
+  ) -> Array:
     """Decoder logits [b, l_out, v] given the encoder output."""
-    return self.decoder(encoded, encoder_input_tokens, decoder_input_tokens,
-                        decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
-                        not enable_dropout, decode, max_decode_length)
+    return self.decoder(
+        encoded,
+        encoder_input_tokens,
+        decoder_input_tokens,
+        decoder_target_tokens,
+        encoder_segment_ids,
+        decoder_segment_ids,
+        not enable_dropout,
+        decode,
+        max_decode_length,
+    )
 
-  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
-               decoder_target_tokens: Array, encoder_segment_ids: Optional[Array] = None,
-               decoder_segment_ids: Optional[Array] = None,
-               encoder_positions: Optional[Array] = None,
-               decoder_positions: Optional[Array] = None, *,
-               enable_dropout: bool = True, decode: bool = False) -> Array:
+  def __call__(
+      self,
+      encoder_input_tokens: Array,
+      decoder_input_tokens: Array,
+      decoder_target_tokens: Array,
+      encoder_segment_ids: Optional[Array] = None,
+      decoder_segment_ids: Optional[Array] = None,
+      encoder_positions: Optional[Array] = None,
+      decoder_positions: Optional[Array] = None,
+      *,
+      enable_dropout: bool = True,
+      decode: bool = False,
+  ) -> Array:
     """Teacher-forced logits [b, l_out, v].
 
     Positions are accepted for T5X compatibility; relative attention only needs
@@ -606,6 +772,13 @@ class Transformer(nn.Module):
     """
     del encoder_positions, decoder_positions
     encoded = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout)
-    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
-                       decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
-                       enable_dropout, decode)
+    return self.decode(
+        encoded,
+        encoder_input_tokens,
+        decoder_input_tokens,
+        decoder_target_tokens,
+        encoder_segment_ids,
+        decoder_segment_ids,
+        enable_dropout,
+        decode,
+    )

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import jax.numpy as jnp
 import optax
 
 from dsbs_jax.errors import ConfigError
 
-Schedule = Callable[[int], float]
+Schedule = Callable[[Any], Any]  # step -> learning rate, traced inside the train step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,8 +22,9 @@ class Optimizer:
   learning_rate_fn: Schedule
 
 
-def schedule(name: str, learning_rate: float, warmup_steps: int = 0,
-             total_steps: Optional[int] = None) -> Schedule:
+def schedule(
+    name: str, learning_rate: float, warmup_steps: int = 0, total_steps: Optional[int] = None
+) -> Schedule:
   """`constant`, `linear` (HF Trainer's default: warmup then linear decay to 0
   at `total_steps`) or `rsqrt` (T5X: lr / sqrt(max(step, warmup)))."""
   if name == 'constant':
@@ -36,15 +38,21 @@ def schedule(name: str, learning_rate: float, warmup_steps: int = 0,
   else:
     raise ConfigError(f'unknown learning-rate schedule {name!r}: constant, linear or rsqrt')
   if warmup_steps:
-    fn = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), fn],
-                              [warmup_steps])
+    fn = optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, warmup_steps), fn], [warmup_steps]
+    )
   return fn
 
 
-def create_optimizer(name: str = 'adamw', learning_rate: float = 5e-5,
-                     schedule_name: str = 'constant', warmup_steps: int = 0,
-                     total_steps: Optional[int] = None, weight_decay: float = 0.0,
-                     clip_grad_norm: Optional[float] = None) -> Optimizer:
+def create_optimizer(
+    name: str = 'adamw',
+    learning_rate: float = 5e-5,
+    schedule_name: str = 'constant',
+    warmup_steps: int = 0,
+    total_steps: Optional[int] = None,
+    weight_decay: float = 0.0,
+    clip_grad_norm: Optional[float] = None,
+) -> Optimizer:
   """`adamw` (the paper: lr 5e-5) or `adafactor` (T5X's default), optionally
   clipping gradients by global norm first."""
   lr = schedule(schedule_name, learning_rate, warmup_steps, total_steps)

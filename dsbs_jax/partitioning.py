@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -49,12 +50,13 @@ def preset_rules(name: str = 'data_model') -> LogicalRules:
                  Activations keep `batch` on `data`: a mesh axis is used once per array.
   """
   if name == 'data_parallel':
-    return (('batch', 'data'),) + tuple((axis, None) for axis, _ in STANDARD_RULES[1:])
+    return (('batch', 'data'), *tuple((axis, None) for axis, _ in STANDARD_RULES[1:]))
   if name == 'data_model':
     return STANDARD_RULES
   if name == 'fsdp':
-    return tuple(('embed', 'data') if axis == 'embed' else (axis, mesh)
-                 for axis, mesh in STANDARD_RULES)
+    return tuple(
+        ('embed', 'data') if axis == 'embed' else (axis, mesh) for axis, mesh in STANDARD_RULES
+    )
   raise ConfigError(f'unknown partitioning preset {name!r}; choose from {PRESETS}')
 
 
@@ -69,9 +71,11 @@ def params_axes(boxed_params: Any) -> dict[str, Any]:
   axes = {}
   for path, leaf in traverse_util.flatten_dict(boxed_params).items():
     if not isinstance(leaf, nn.LogicallyPartitioned):
-      raise ConfigError(f'parameter {"/".join(path)} has no logical axis names; T5X needs '
-                        'every parameter declared with nn.with_logical_partitioning')
-    axes[path[:-1] + (f'{path[-1]}_axes',)] = flax_partitioning.AxisMetadata(names=leaf.names)
+      raise ConfigError(
+          f'parameter {"/".join(path)} has no logical axis names; T5X needs '
+          'every parameter declared with nn.with_logical_partitioning'
+      )
+    axes[(*path[:-1], f'{path[-1]}_axes')] = flax_partitioning.AxisMetadata(names=leaf.names)
   return traverse_util.unflatten_dict(axes)
 
 
@@ -82,23 +86,30 @@ class Partitioner:
   devices this host does not have (`memory.memory_plan`).
   """
 
-  def __init__(self, num_partitions: int = 1, logical_axis_rules: LogicalRules = STANDARD_RULES,
-               devices: Optional[Sequence[jax.Device]] = None):
+  def __init__(
+      self,
+      num_partitions: int = 1,
+      logical_axis_rules: LogicalRules = STANDARD_RULES,
+      devices: Optional[Sequence[jax.Device]] = None,
+  ):
     if num_partitions < 1:
       raise ConfigError(f'NUM_PARTITIONS must be >= 1; got {num_partitions}')
     if num_partitions > 1 and all(mesh != 'model' for _, mesh in logical_axis_rules):
-      raise ConfigError(f'NUM_PARTITIONS={num_partitions} but the partitioning rules place '
-                        'nothing on the model axis; use the data_model or fsdp preset')
+      raise ConfigError(
+          f'NUM_PARTITIONS={num_partitions} but the partitioning rules place '
+          'nothing on the model axis; use the data_model or fsdp preset'
+      )
     self.num_partitions = num_partitions
-    self.rules = tuple(tuple(r) for r in logical_axis_rules)
+    self.rules: LogicalRules = tuple((axis, mesh) for axis, mesh in logical_axis_rules)
     self._devices = devices
 
   @functools.cached_property
   def mesh(self) -> Mesh:
     devices = list(self._devices if self._devices is not None else jax.devices())
     if len(devices) % self.num_partitions:
-      raise ConfigError(f'NUM_PARTITIONS={self.num_partitions} must divide the {len(devices)} '
-                        'devices')
+      raise ConfigError(
+          f'NUM_PARTITIONS={self.num_partitions} must divide the {len(devices)} devices'
+      )
     grid = np.asarray(devices).reshape(len(devices) // self.num_partitions, self.num_partitions)
     return Mesh(grid, ('data', 'model'))
 
@@ -135,5 +146,7 @@ class Partitioner:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
   def describe(self) -> str:
-    return (f'mesh {dict(self.mesh.shape)} over {self.mesh.devices.size} '
-            f'{self.mesh.devices.flat[0].platform} device(s)')
+    return (
+        f'mesh {dict(self.mesh.shape)} over {self.mesh.devices.size} '
+        f'{self.mesh.devices.flat[0].platform} device(s)'
+    )

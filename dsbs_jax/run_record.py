@@ -12,10 +12,22 @@ import dataclasses
 import importlib.metadata
 import os
 import subprocess
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
-PACKAGES = ('dsbs-jax', 'jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'seqio',
-            'tensorflow', 'transformers', 'gin-config', 't5x')
+PACKAGES = (
+    'dsbs-jax',
+    'jax',
+    'jaxlib',
+    'flax',
+    'optax',
+    'orbax-checkpoint',
+    'seqio',
+    'tensorflow',
+    'transformers',
+    'gin-config',
+    't5x',
+)
 
 
 def package_versions() -> dict[str, str]:
@@ -33,10 +45,22 @@ def source_commit() -> Optional[str]:
   outside a checkout (an installed wheel)."""
   source = os.path.dirname(os.path.abspath(__file__))
   try:
-    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=source, capture_output=True,
-                            text=True, timeout=10, check=True).stdout.strip()
-    dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=source,
-                           capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    commit = subprocess.run(
+        ['git', 'rev-parse', 'HEAD'],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ['git', 'status', '--porcelain', '--untracked-files=no'],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     return None
   return f'{commit}-dirty' if dirty else commit

@@ -60,9 +60,10 @@ def decode_utf8(data: bytes, where: str) -> str:
   try:
     return data.decode('utf-8')
   except UnicodeDecodeError as e:
-    line = data[:e.start].count(b'\n') + 1
-    raise DataError(f'{where}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); '
-                    'save the file as UTF-8') from None
+    line = data[: e.start].count(b'\n') + 1
+    raise DataError(
+        f'{where}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8'
+    ) from None
 
 
 def read_text(path: PathLike) -> str:
@@ -123,7 +124,7 @@ class AppendFile:
       self._content = bytearray(self.path.read_bytes() if self.path.exists() else b'')
       self._dirty = False
     else:
-      self._file = open(os.fspath(self.path), 'ab')
+      self._file = open(os.fspath(self.path), 'ab')  # noqa: SIM115 (held until close())
 
   def write(self, data: Union[str, bytes]) -> None:
     raw = data.encode('utf-8') if isinstance(data, str) else data

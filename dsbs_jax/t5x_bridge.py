@@ -17,7 +17,8 @@ Importing this module needs t5x (not on PyPI: install it from its repository).
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import flax
 import flax.linen as nn
@@ -33,8 +34,10 @@ from dsbs_jax import losses, models, partitioning
 from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
 
 if not hasattr(t5x_models.EncoderDecoderModel, '_compute_kv_cache'):
-  raise ImportError('dsbs_jax.t5x_bridge needs a T5X from 2023 or later '
-                    '(one whose EncoderDecoderModel has _compute_kv_cache)')
+  raise ImportError(
+      'dsbs_jax.t5x_bridge needs a T5X from 2023 or later '
+      '(one whose EncoderDecoderModel has _compute_kv_cache)'
+  )
 
 # The feature StepByStepTrainer adds inside the train step: [rows, tasks], the whole
 # batch's token count of each task in every row, for microbatches to normalise by.
@@ -50,8 +53,9 @@ class TokenAverage(clu_metrics.Average):
     return jnp.where(self.count > 0, self.total / jnp.maximum(self.count, 1e-9), 0.0)
 
 
-def t5x_metrics(scalars: Mapping[str, jax.Array], own_tokens: jax.Array
-                ) -> dict[str, clu_metrics.Metric]:
+def t5x_metrics(
+    scalars: Mapping[str, jax.Array], own_tokens: jax.Array
+) -> dict[str, clu_metrics.Metric]:
   """`StepByStepModel.loss_fn`'s scalars as the CLU metrics T5X merges.
 
   `scalars` are means over `{task}/tokens` tokens (the whole batch's, for a
@@ -67,8 +71,9 @@ def t5x_metrics(scalars: Mapping[str, jax.Array], own_tokens: jax.Array
     denominators = scalars[f'{task}/tokens']
     metrics[f'{task}/tokens'] = metrics_lib.Sum(total=own_tokens[i])
     for name in ('loss', 'accuracy'):
-      metrics[f'{task}/{name}'] = TokenAverage(total=scalars[f'{task}/{name}'] * denominators,
-                                               count=own_tokens[i])
+      metrics[f'{task}/{name}'] = TokenAverage(
+          total=scalars[f'{task}/{name}'] * denominators, count=own_tokens[i]
+      )
   return metrics
 
 
@@ -77,17 +82,29 @@ class StepByStepT5XModel(t5x_models.EncoderDecoderModel):
 
   FEATURE_CONVERTER_CLS = StepByStepFeatureConverter
 
-  def __init__(self, student: models.StepByStepModel, optimizer_def: Any,
-               decode_fn: Any = t5x_decoding.beam_search):
+  def __init__(
+      self,
+      student: models.StepByStepModel,
+      optimizer_def: Any,
+      decode_fn: Any = t5x_decoding.beam_search,
+  ):
     self.student = student
-    super().__init__(module=student.module, input_vocabulary=student.input_vocabulary,
-                     output_vocabulary=student.output_vocabulary, optimizer_def=optimizer_def,
-                     decode_fn=decode_fn, label_smoothing=student.label_smoothing,
-                     z_loss=student.z_loss)
+    super().__init__(
+        module=student.module,
+        input_vocabulary=student.input_vocabulary,
+        output_vocabulary=student.output_vocabulary,
+        optimizer_def=optimizer_def,
+        decode_fn=decode_fn,
+        label_smoothing=student.label_smoothing,
+        z_loss=student.z_loss,
+    )
 
-  def get_initial_variables(self, rng: jax.Array, input_shapes: Mapping[str, Any],
-                            input_types: Optional[Mapping[str, Any]] = None
-                            ) -> flax.core.FrozenDict:
+  def get_initial_variables(
+      self,
+      rng: jax.Array,
+      input_shapes: Mapping[str, Any],
+      input_types: Optional[Mapping[str, Any]] = None,
+  ) -> flax.core.FrozenDict:
     """Plain params plus the `params_axes` collection T5X's train state reads.
 
     Tokens are ids: `t5x.eval` and `t5x.infer` pass no `input_types`, for which T5X
@@ -97,24 +114,39 @@ class StepByStepT5XModel(t5x_models.EncoderDecoderModel):
     types.update(input_types or {})
     variables = flax.core.unfreeze(super().get_initial_variables(rng, input_shapes, types))
     boxed = variables.pop('params')
-    return flax.core.freeze({**variables, 'params': nn.meta.unbox(boxed),
-                             'params_axes': partitioning.params_axes(boxed)})
+    return flax.core.freeze(
+        {
+            **variables,
+            'params': nn.meta.unbox(boxed),
+            'params_axes': partitioning.params_axes(boxed),
+        }
+    )
 
-  def loss_fn(self, params: Any, batch: Mapping[str, jax.Array],
-              dropout_rng: Optional[jax.Array], flax_mutables: Optional[Any] = None
-              ) -> tuple[jax.Array, dict[str, clu_metrics.Metric]]:
+  def loss_fn(
+      self,
+      params: Any,
+      batch: Mapping[str, jax.Array],
+      dropout_rng: Optional[jax.Array],
+      flax_mutables: Optional[Any] = None,
+  ) -> tuple[jax.Array, dict[str, clu_metrics.Metric]]:
     del flax_mutables  # the network's only mutable collection is the decoding cache
     batch = dict(batch)
     whole = batch.pop(BATCH_TASK_TOKENS, None)
-    loss, scalars = self.student.loss_fn(params, batch, dropout_rng,
-                                         None if whole is None else whole[0])
+    loss, scalars = self.student.loss_fn(
+        params, batch, dropout_rng, None if whole is None else whole[0]
+    )
     own = losses.task_token_counts(self.student.task_ids(batch), len(self.student.task_weights))
     return loss, t5x_metrics(scalars, own)
 
-  def _compute_kv_cache(self, params: Any, encoded_inputs: jax.Array,
-                        encoder_input_tokens: jax.Array, decoder_input_tokens: jax.Array,
-                        prefill_decoder_prompt: bool = False, flax_mutables: Optional[Any] = None
-                        ) -> tuple[Any, None]:
+  def _compute_kv_cache(
+      self,
+      params: Any,
+      encoded_inputs: jax.Array,
+      encoder_input_tokens: jax.Array,
+      decoder_input_tokens: jax.Array,
+      prefill_decoder_prompt: bool = False,
+      flax_mutables: Optional[Any] = None,
+  ) -> tuple[Any, None]:
     """The decoding cache, built from the real encoder output (`init_cache`).
 
     T5X builds it from dummy inputs, which suits layers that project the
@@ -123,12 +155,15 @@ class StepByStepT5XModel(t5x_models.EncoderDecoderModel):
     as T5X does for such modules.
     """
     del prefill_decoder_prompt, flax_mutables
-    return self.student.init_cache(params, encoded_inputs, encoder_input_tokens,
-                                   decoder_input_tokens.shape[1]), None
+    return (
+        self.student.init_cache(
+            params, encoded_inputs, encoder_input_tokens, decoder_input_tokens.shape[1]
+        ),
+        None,
+    )
 
 
-def with_batch_task_tokens(batch: Mapping[str, jax.Array], num_tasks: int
-                           ) -> dict[str, jax.Array]:
+def with_batch_task_tokens(batch: Mapping[str, jax.Array], num_tasks: int) -> dict[str, jax.Array]:
   """The batch plus BATCH_TASK_TOKENS: its per-task token counts [k], on every row."""
   counts = losses.task_token_counts(models.StepByStepModel.task_ids(batch), num_tasks)
   rows = next(iter(batch.values())).shape[0]
@@ -146,14 +181,19 @@ class StepByStepTrainer(t5x_trainer.Trainer):
 
     def train_step(train_state, batch):
       return t5x_trainer.train_with_lr(
-          train_state, with_batch_task_tokens(batch, num_tasks),
+          train_state,
+          with_batch_task_tokens(batch, num_tasks),
           learning_rate=self._learning_rate_fn(train_state.step),
-          dropout_rng=self._get_step_rng(train_state.step), model=self._model,
+          dropout_rng=self._get_step_rng(train_state.step),
+          model=self._model,
           num_microbatches=self._num_microbatches,
           weight_metrics_computer=self._weight_metrics_computer,
-          data_partition_spec=self._partitioner.data_partition_spec)
+          data_partition_spec=self._partitioner.data_partition_spec,
+      )
 
     return self._partitioner.partition(
         train_step,
         in_axis_resources=(self._train_state_axes, self._partitioner.data_partition_spec),
-        out_axis_resources=(self._train_state_axes, None), donate_argnums=(0,))
+        out_axis_resources=(self._train_state_axes, None),
+        donate_argnums=(0,),
+    )

@@ -41,8 +41,11 @@ def find(path: str) -> Optional[str]:
     return path
   if not p.is_dir():
     return None
-  steps = [int(m.group(1)) for child in p.iterdir()
-           if (m := _STEP_DIR.fullmatch(child.name)) and find(os.path.join(path, child.name))]
+  steps = [
+      int(m.group(1))
+      for child in p.iterdir()
+      if (m := _STEP_DIR.fullmatch(child.name)) and find(os.path.join(path, child.name))
+  ]
   return os.path.join(path, f'checkpoint_{max(steps)}') if steps else None
 
 
@@ -50,16 +53,15 @@ def _legacy_kvstore(directory: str, spec: dict[str, Any]) -> dict[str, Any]:
   """A zarr array's kvstore, relative to the checkpoint directory (T5X writes a dummy
   bucket for Cloud Storage, so that a checkpoint can move)."""
   kvstore = spec['kvstore']
-  name = kvstore.get('path') if kvstore.get('driver') == 'file' else spec.get('path')
+  name = kvstore['path'] if kvstore.get('driver') == 'file' else spec['path']
   if storage.is_url(directory):
-    bucket, _, prefix = directory[len('gs://'):].partition('/')
+    bucket, _, prefix = directory[len('gs://') :].partition('/')
     return {'driver': 'gcs', 'bucket': bucket, 'path': f'{prefix.rstrip("/")}/{name}'}
   return {'driver': 'file', 'path': os.path.join(os.fspath(storage.resolve(directory)), name)}
 
 
 def _read_legacy(directory: str) -> dict[str, Any]:
-  contents = serialization.msgpack_restore(storage.read_bytes(os.path.join(directory,
-                                                                            LEGACY_FILE)))
+  contents = serialization.msgpack_restore(storage.read_bytes(os.path.join(directory, LEGACY_FILE)))
   tree = contents['optimizer'] if contents.get('version', 0) >= 1 else contents
   if 'target' not in tree:
     raise ConfigError(f'{directory}/{LEGACY_FILE}: no `target` (params) in this T5X checkpoint')
@@ -83,8 +85,10 @@ def read_params(path: str) -> dict[str, Any]:
   """The params (`target`) of a T5X checkpoint, as host numpy arrays."""
   directory = find(path)
   if directory is None:
-    raise ConfigError(f'{path}: no T5X checkpoint (checkpoint_<step>/checkpoint or '
-                      'checkpoint_<step>/state) there')
+    raise ConfigError(
+        f'{path}: no T5X checkpoint (checkpoint_<step>/checkpoint or '
+        'checkpoint_<step>/state) there'
+    )
   if storage.exists(os.path.join(directory, LEGACY_FILE)):
     return _read_legacy(directory)
   item = os.path.join(directory, ORBAX_ITEM)
@@ -92,8 +96,10 @@ def read_params(path: str) -> dict[str, Any]:
     metadata = checkpointer.metadata(item).item_metadata.tree
     target = {'target': metadata['target']}
     restore_args = _host_restore_args(target)
-    restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True))
+    restored = checkpointer.restore(
+        item,
+        args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+    )
   return restored['target']
 
 
@@ -105,8 +111,9 @@ def _host_restore_args(tree: Any) -> Any:
 def write_params(output: str, params: Any, step: int) -> str:
   """Writes `params` as a T5X checkpoint `<output>/checkpoint_<step>`; returns its path."""
   state = {'target': _map_leaves(np.asarray, params), 'state': {'step': np.asarray(step)}}
-  options = ocp.CheckpointManagerOptions(step_prefix='checkpoint', create=True,
-                                         enable_async_checkpointing=False)
+  options = ocp.CheckpointManagerOptions(
+      step_prefix='checkpoint', create=True, enable_async_checkpointing=False
+  )
   with ocp.CheckpointManager(storage.resolve(output), options=options) as manager:
     manager.save(step, args=ocp.args.Composite(**{ORBAX_ITEM: ocp.args.PyTreeSave(state)}))
   return os.path.join(output, f'checkpoint_{step}')

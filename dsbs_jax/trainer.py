@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -22,10 +24,13 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class TrainState:
-  step: Array
+  """The step (int32), params, optimizer state and dropout RNG; the same tree also
+  carries their logical specs, shapes or shardings (`state_logical_specs`)."""
+
+  step: Any
   params: Any
   opt_state: Any
-  rng: Array
+  rng: Any
 
 
 def path_names(path) -> tuple[str, ...]:
@@ -38,8 +43,12 @@ def optimizer_state_specs(opt_shapes: Any, param_specs: Any, param_shapes: Any) 
   anything else (counts, Adafactor's factored moments) is replicated."""
   by_path = {}
   for (path, spec), shape in zip(
-      jax.tree_util.tree_flatten_with_path(param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0],
-      jax.tree_util.tree_leaves(param_shapes)):
+      jax.tree_util.tree_flatten_with_path(
+          param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+      )[0],
+      jax.tree_util.tree_leaves(param_shapes),
+      strict=True,
+  ):
     by_path[path_names(path)] = (spec, shape.shape)
 
   def spec_for(path, leaf):
@@ -56,8 +65,14 @@ def optimizer_state_specs(opt_shapes: Any, param_specs: Any, param_shapes: Any) 
 class Trainer:
   """Owns the jitted, sharded train step; the loop around it lives in `dsbs_jax.train`."""
 
-  def __init__(self, model: StepByStepModel, optimizer: Optimizer, partitioner: Partitioner,
-               seed: int = 0, num_microbatches: int = 1):
+  def __init__(
+      self,
+      model: StepByStepModel,
+      optimizer: Optimizer,
+      partitioner: Partitioner,
+      seed: int = 0,
+      num_microbatches: int = 1,
+  ):
     if num_microbatches < 1:
       raise ConfigError(f'num_microbatches must be >= 1; got {num_microbatches}')
     self.model = model
@@ -71,19 +86,26 @@ class Trainer:
     init_rng, train_rng = jax.random.split(rng)
     variables = self.model.get_initial_variables(init_rng, input_shapes)
     params = nn.meta.unbox(variables['params'])
-    return TrainState(step=jnp.array(0, jnp.int32), params=params,
-                      opt_state=self.optimizer.tx.init(params), rng=train_rng)
+    return TrainState(
+        step=jnp.array(0, jnp.int32),
+        params=params,
+        opt_state=self.optimizer.tx.init(params),
+        rng=train_rng,
+    )
 
-  def state_logical_specs(self, input_shapes: Mapping[str, tuple[int, ...]]
-                          ) -> tuple[TrainState, TrainState]:
+  def state_logical_specs(
+      self, input_shapes: Mapping[str, tuple[int, ...]]
+  ) -> tuple[TrainState, TrainState]:
     """(logical PartitionSpecs, shapes) of every leaf of the train state, from shapes alone."""
     boxed = jax.eval_shape(
-        lambda: self.model.get_initial_variables(jax.random.PRNGKey(0), input_shapes))
+        lambda: self.model.get_initial_variables(jax.random.PRNGKey(0), input_shapes)
+    )
     param_specs = nn.get_partition_spec(boxed['params'])
     abstract = jax.eval_shape(lambda: self._init_state(input_shapes))
     opt_specs = optimizer_state_specs(abstract.opt_state, param_specs, abstract.params)
-    specs = TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs,
-                       rng=PartitionSpec())
+    specs = TrainState(
+        step=PartitionSpec(), params=param_specs, opt_state=opt_specs, rng=PartitionSpec()
+    )
     return specs, abstract
 
   def state_shardings(self, input_shapes: Mapping[str, tuple[int, ...]]) -> TrainState:
@@ -95,13 +117,16 @@ class Trainer:
     specs, shapes = self.state_logical_specs(input_shapes)
     return jax.tree_util.tree_map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        shapes, self.partitioner.shardings(specs))
+        shapes,
+        self.partitioner.shardings(specs),
+    )
 
   def create_state(self, input_shapes: Mapping[str, tuple[int, ...]]) -> TrainState:
     """A freshly initialised state, created directly in its sharded layout."""
     with self.partitioner.activate():
-      return jax.jit(lambda: self._init_state(input_shapes),
-                     out_shardings=self.state_shardings(input_shapes))()
+      return jax.jit(
+          lambda: self._init_state(input_shapes), out_shardings=self.state_shardings(input_shapes)
+      )()
 
   def _grads(self, params: Any, batch: Mapping[str, Array], rng: Array) -> tuple[Any, dict]:
     """Gradients and metrics of the whole batch, accumulated over microbatches.
@@ -120,7 +145,7 @@ class Trainer:
     if rows % m:
       raise ConfigError(f'the batch ({rows} rows per step) must divide into {m} microbatches')
     counts = losses.task_token_counts(self.model.task_ids(batch), len(self.model.task_weights))
-    micro = {k: v.reshape((rows // m, m) + v.shape[1:]).swapaxes(0, 1) for k, v in batch.items()}
+    micro = {k: v.reshape((rows // m, m, *v.shape[1:])).swapaxes(0, 1) for k, v in batch.items()}
 
     def accumulate(carry, xs):
       i, microbatch = xs
@@ -145,14 +170,19 @@ class Trainer:
     metrics['grad_norm'] = optax.global_norm(grads)
     metrics['param_norm'] = optax.global_norm(params)
     metrics['learning_rate'] = jnp.asarray(self.optimizer.learning_rate_fn(state.step), jnp.float32)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    new_state = dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
 
   def compile_train_step(self, input_shapes: Mapping[str, tuple[int, ...]]):
     """`(state, batch) -> (state, metrics)`, jitted with explicit shardings; the
     incoming state's buffers are donated."""
     state_sh = self.state_shardings(input_shapes)
-    step = jax.jit(self.train_step, in_shardings=(state_sh, self.partitioner.batch_sharding()),
-                   out_shardings=(state_sh, self.partitioner.replicated()), donate_argnums=(0,))
+    step = jax.jit(
+        self.train_step,
+        in_shardings=(state_sh, self.partitioner.batch_sharding()),
+        out_shardings=(state_sh, self.partitioner.replicated()),
+        donate_argnums=(0,),
+    )
 
     def run(state, batch):
       with self.partitioner.activate():

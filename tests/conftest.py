@@ -12,9 +12,10 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('EPATH_USE_TF', '0')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
-import gin  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
+
+import gin
 
 
 def hf_t5(tmp_path, feed_forward_proj: str, tie: bool, seed: int = 0):
@@ -22,10 +23,20 @@ def hf_t5(tmp_path, feed_forward_proj: str, tie: bool, seed: int = 0):
   torch = pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
   cfg = transformers.T5Config(
-      vocab_size=300, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3,
-      num_heads=4, feed_forward_proj=feed_forward_proj, tie_word_embeddings=tie,
-      relative_attention_num_buckets=8, relative_attention_max_distance=20,
-      decoder_start_token_id=0, dropout_rate=0.0)
+      vocab_size=300,
+      d_model=32,
+      d_kv=8,
+      d_ff=64,
+      num_layers=2,
+      num_decoder_layers=3,
+      num_heads=4,
+      feed_forward_proj=feed_forward_proj,
+      tie_word_embeddings=tie,
+      relative_attention_num_buckets=8,
+      relative_attention_max_distance=20,
+      decoder_start_token_id=0,
+      dropout_rate=0.0,
+  )
   torch.manual_seed(seed)
   model = transformers.T5ForConditionalGeneration(cfg).eval()
   path = tmp_path / f'hf_{feed_forward_proj}_{tie}'
@@ -37,21 +48,33 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A demo run small enough for seconds per step: one layer each way, width 32.
 TINY_MODEL = [
-    '--gin_file=demo.gin', '--gin.network.T5Config.emb_dim=32', '--gin.network.T5Config.num_heads=2',
-    '--gin.network.T5Config.head_dim=16', '--gin.network.T5Config.mlp_dim=64',
-    '--gin.network.T5Config.num_encoder_layers=1', '--gin.network.T5Config.num_decoder_layers=1',
-    "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 64}", '--gin.BATCH_SIZE=8',
+    '--gin_file=demo.gin',
+    '--gin.network.T5Config.emb_dim=32',
+    '--gin.network.T5Config.num_heads=2',
+    '--gin.network.T5Config.head_dim=16',
+    '--gin.network.T5Config.mlp_dim=64',
+    '--gin.network.T5Config.num_encoder_layers=1',
+    '--gin.network.T5Config.num_decoder_layers=1',
+    "--gin.TASK_FEATURE_LENGTHS={'inputs': 128, 'targets': 64}",
+    '--gin.BATCH_SIZE=8',
 ]
 # ... without model selection or the final test evaluation, for runs about training alone.
-NO_EVALUATION = ['--gin.evaluation.EvaluationConfig.period=0',
-                 '--gin.evaluation.EvaluationConfig.final_split=None']
-SUBPROCESS_ENV = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-                      JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+NO_EVALUATION = [
+    '--gin.evaluation.EvaluationConfig.period=0',
+    '--gin.evaluation.EvaluationConfig.final_split=None',
+]
+SUBPROCESS_ENV = dict(
+    os.environ,
+    XLA_FLAGS='--xla_force_host_platform_device_count=2',
+    JAX_PLATFORMS='cpu',
+    PYTHONPATH=REPO,
+)
 
 
 def cli(*args) -> int:
   """`dsbs-train ARGS` in this process, on a clean gin config; returns the exit status."""
   from dsbs_jax import cli as cli_lib
+
   gin.clear_config()
   try:
     return cli_lib.train_main(['dsbs-train', *args])
@@ -62,17 +85,29 @@ def cli(*args) -> int:
 def tiny_config(**overrides):
   """The unit tests' T5 network: a couple of layers of width 32 over 64 ids."""
   from dsbs_jax import network
-  fields = dict(vocab_size=64, emb_dim=32, num_heads=4, num_encoder_layers=1,
-                num_decoder_layers=1, head_dim=8, mlp_dim=64, dropout_rate=0.0)
+
+  fields = {
+      'vocab_size': 64,
+      'emb_dim': 32,
+      'num_heads': 4,
+      'num_encoder_layers': 1,
+      'num_decoder_layers': 1,
+      'head_dim': 8,
+      'mlp_dim': 64,
+      'dropout_rate': 0.0,
+  }
   return network.T5Config(**{**fields, **overrides})
 
 
 def tiny_student(config=None, **kwargs):
   import seqio
+
   from dsbs_jax import models, network
+
   vocab = seqio.PassThroughVocabulary(size=64, eos_id=1)
-  return models.StepByStepModel(network.Transformer(config or tiny_config()), vocab, vocab,
-                                **kwargs)
+  return models.StepByStepModel(
+      network.Transformer(config or tiny_config()), vocab, vocab, **kwargs
+  )
 
 
 def synthetic_batch(rows=8, inputs=16, targets=12, seed=0, ragged=False, input_length=None):
@@ -93,11 +128,12 @@ def synthetic_batch(rows=8, inputs=16, targets=12, seed=0, ragged=False, input_l
   enc = rng.randint(2, 64, size=(rows, inputs)).astype(np.int32)
   if input_length is not None:
     enc[:, input_length:] = 0
-  return {'encoder_input_tokens': enc,
-          'decoder_input_tokens': np.concatenate([np.zeros((rows, 1), np.int32), tgt[:, :-1]], 1),
-          'decoder_target_tokens': tgt,
-          'decoder_task_ids': np.where(tgt > 0, 1 + (np.arange(rows)[:, None] % 2), 0
-                                       ).astype(np.int32)}
+  return {
+      'encoder_input_tokens': enc,
+      'decoder_input_tokens': np.concatenate([np.zeros((rows, 1), np.int32), tgt[:, :-1]], 1),
+      'decoder_target_tokens': tgt,
+      'decoder_task_ids': np.where(tgt > 0, 1 + (np.arange(rows)[:, None] % 2), 0).astype(np.int32),
+  }
 
 
 @pytest.fixture(scope='session')
@@ -138,10 +174,28 @@ def gcs(tmp_path_factory):
   url = f'http://127.0.0.1:{port}'
   with open(root / 'server.log', 'w') as log:
     server = subprocess.Popen(
-        [str(wrapper._get_binary_path()), '-scheme', 'http', '-host', '127.0.0.1', '-port',
-         str(port), '-backend', 'filesystem', '-filesystem-root', str(root / 'buckets'),
-         '-external-url', url, '-public-host', f'127.0.0.1:{port}', '-log-level', 'warn'],
-        stdout=log, stderr=subprocess.STDOUT)
+        [
+            str(wrapper._get_binary_path()),
+            '-scheme',
+            'http',
+            '-host',
+            '127.0.0.1',
+            '-port',
+            str(port),
+            '-backend',
+            'filesystem',
+            '-filesystem-root',
+            str(root / 'buckets'),
+            '-external-url',
+            url,
+            '-public-host',
+            f'127.0.0.1:{port}',
+            '-log-level',
+            'warn',
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
   deadline = time.time() + 20
   while True:
     try:

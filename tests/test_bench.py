@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-from bench import decode_throughput, examples, harness, reference_torch, train_throughput  # noqa: E402,E501
+from bench import decode_throughput, examples, harness, reference_torch, train_throughput  # noqa: E402
 from bench.train_throughput import Ours  # noqa: E402
 
 LENGTHS = {'inputs': 384, 'targets': 384}
@@ -43,12 +43,16 @@ def test_both_sides_train_the_same_objective(data_root, monkeypatch):
     assert ours_loss == pytest.approx(reference_loss, rel=2e-4), step
   # After three AdamW updates (lr 5e-5 each) the weights still agree.
   ids = examples.encode('a</s>b', 8)
-  assert ids == examples.VOCAB.encode('a') + [1] + examples.VOCAB.encode('b') + [1]
+  assert ids == [*examples.VOCAB.encode('a'), 1, *examples.VOCAB.encode('b'), 1]
   theirs = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
   from dsbs_jax import hf_checkpoint
+
   expected = hf_checkpoint.params_from_hf_state_dict(theirs, config)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1.5e-4),
-                         jax.device_get(ours.state.params), expected)
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1.5e-4),
+      jax.device_get(ours.state.params),
+      expected,
+  )
 
 
 def test_bf16_on_both_sides_trains_the_same_objective(data_root, monkeypatch):
@@ -59,8 +63,9 @@ def test_bf16_on_both_sides_trains_the_same_objective(data_root, monkeypatch):
   torch_model, params = harness.same_weights(config)
   batch, label, rationale = _one_step_inputs(rows)
   ours = Ours(config, params, examples.vocab_shape(), [(batch, len(rows))], rationale=True)
-  reference = reference_torch.ReferenceTrainer(torch_model, alpha=0.5,
-                                               autocast_dtype=torch.bfloat16)
+  reference = reference_torch.ReferenceTrainer(
+      torch_model, alpha=0.5, autocast_dtype=torch.bfloat16
+  )
   float32_loss = reference_torch.step_by_step_loss(torch_model, label, rationale).item()
   ours_loss, reference_loss = ours.step()[-1], reference.step([(label, rationale)])
   assert all(p.dtype == torch.float32 for p in torch_model.parameters())
@@ -76,7 +81,8 @@ def test_matmuls_counts_each_dot_as_often_as_it_runs():
 
   def f(x, w, q, k):
     _, scores = jax.lax.scan(
-        jax.checkpoint(lambda c, qi: (c, jnp.tanh(jnp.einsum('bqd,bkd->bqk', qi, k)))), 0.0, q)
+        jax.checkpoint(lambda c, qi: (c, jnp.tanh(jnp.einsum('bqd,bkd->bqk', qi, k)))), 0.0, q
+    )
     return jnp.sum(x @ w @ w.T) + jnp.sum(scores)
 
   x, w = jnp.ones((4, 8)), jnp.ones((8, 16))
@@ -86,10 +92,15 @@ def test_matmuls_counts_each_dot_as_often_as_it_runs():
   # d/dq through the rematerialised scan: the forward dot, its recomputation for tanh's
   # derivative, and dq = d_scores @ k; the x @ w path runs once, undifferentiated.
   assert harness.matmuls(jax.grad(lambda q: f(x, w, q, k)), q) == {
-      xw: 1, xw_wt: 1, qk: 5 + 5, ('float32', 2, 3, 7, 6): 5}
+      xw: 1,
+      xw_wt: 1,
+      qk: 5 + 5,
+      ('float32', 2, 3, 7, 6): 5,
+  }
   with pytest.raises(ValueError, match='a while runs its dots a data-dependent number'):
-    harness.matmuls(lambda x: jax.lax.while_loop(lambda y: y.sum() < 9, lambda y: y @ w.T @ w,
-                                                 x @ w), x)
+    harness.matmuls(
+        lambda x: jax.lax.while_loop(lambda y: y.sum() < 9, lambda y: y @ w.T @ w, x @ w), x
+    )
 
 
 def test_matmuls_of_our_forward_pass_are_the_model_flops():
@@ -98,11 +109,13 @@ def test_matmuls_of_our_forward_pass_are_the_model_flops():
   value projections per decoder token)."""
   config = harness.CONFIGS['mini']
   model = harness.student(config, {'vocab_size': 384, 'eos_id': 1})
-  params = model.get_initial_variables(jax.random.key(0), {'encoder_input_tokens': (2, 64),
-                                                          'decoder_input_tokens': (2, 64)})
+  params = model.get_initial_variables(
+      jax.random.key(0), {'encoder_input_tokens': (2, 64), 'decoder_input_tokens': (2, 64)}
+  )
   tokens = np.ones((2, 64), np.int32)
-  found = harness.matmuls(lambda p: model.module.apply(p, tokens, tokens, tokens,
-                                                       enable_dropout=False), params)
+  found = harness.matmuls(
+      lambda p: model.module.apply(p, tokens, tokens, tokens, enable_dropout=False), params
+  )
   enc, dec = harness.forward_flops_per_token(config, 64, 64)
   assert harness.matmul_flops(found) == 2 * 64 * (enc + dec)
 
@@ -138,14 +151,22 @@ def _blocking(tmp_path) -> str:
   return str(blocker)
 
 
-@pytest.mark.parametrize('bench, flags', [
-    (train_throughput, ['--batch_size=4', '--steps=1', '--warmup=0', '--inputs=128',
-                        '--targets=128']),
-    (decode_throughput, ['--batch_size=4', '--batches=1', '--inputs=128',
-                         '--max_new_tokens=8']),
-])
-def test_a_prepared_file_runs_the_bench_without_tensorflow(data_root, monkeypatch, tmp_path,
-                                                           bench, flags):
+@pytest.mark.parametrize(
+    'bench, flags',
+    [
+        (
+            train_throughput,
+            ['--batch_size=4', '--steps=1', '--warmup=0', '--inputs=128', '--targets=128'],
+        ),
+        (
+            decode_throughput,
+            ['--batch_size=4', '--batches=1', '--inputs=128', '--max_new_tokens=8'],
+        ),
+    ],
+)
+def test_a_prepared_file_runs_the_bench_without_tensorflow(
+    data_root, monkeypatch, tmp_path, bench, flags
+):
   """What a GPU host without TensorFlow does: it runs from inputs prepared elsewhere."""
   monkeypatch.setenv('DSBS_DATA_ROOT', data_root)
   prepared = tmp_path / 'inputs.npz'
@@ -161,9 +182,15 @@ def test_a_prepared_file_runs_the_bench_without_tensorflow(data_root, monkeypatc
   if bench is train_throughput:
     alone = report['ours_matmuls_alone']
     assert alone['examples_per_s_over_reference'] == pytest.approx(
-        alone['examples_per_s'] / report['reference']['examples_per_s'])
+        alone['examples_per_s'] / report['reference']['examples_per_s']
+    )
     assert np.isfinite(alone['examples_per_s']) and alone['examples_per_s'] > 0
   with pytest.raises(subprocess.CalledProcessError) as error:
-    subprocess.run([sys.executable, script, *flags, '--batch_size=8'], cwd=harness.REPO,
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, script, *flags, '--batch_size=8'],
+        cwd=harness.REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
   assert f'{prepared} was prepared for' in error.value.stderr

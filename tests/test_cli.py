@@ -5,16 +5,20 @@ import glob
 import json
 import os
 
-import gin
 import pytest
 import seqio
 
+import gin
 from conftest import NO_EVALUATION, TINY_MODEL, cli
 from dsbs_jax import gin_utils
 
 QUICK = [*TINY_MODEL, '--gin.TRAIN_STEPS=1', *NO_EVALUATION]
-SVAMP = ['--gin_file=train.gin', '--gin_file=models/t5_1_1/tiny.gin',
-         '--gin_file=tasks/svamp.gin', '--gin_file=runs/step_by_step.gin']
+SVAMP = [
+    '--gin_file=train.gin',
+    '--gin_file=models/t5_1_1/tiny.gin',
+    '--gin_file=tasks/svamp.gin',
+    '--gin_file=runs/step_by_step.gin',
+]
 
 
 def _one_line_error(capsys, *args) -> str:
@@ -38,37 +42,56 @@ def _write_jsonl(path, rows, blank_lines_after=()):
 
 
 def _custom_rows(n):
-  return [{'input': f'question {i}', 'label': f'answer {i % 3}', 'rationale': f'because {i}'}
-          for i in range(n)]
+  return [
+      {'input': f'question {i}', 'label': f'answer {i % 3}', 'rationale': f'because {i}'}
+      for i in range(n)
+  ]
 
 
 def _custom(tmp_path, test_rows=None):
-  files = {'train': _write_jsonl(tmp_path / 'train.jsonl', _custom_rows(30)),
-           'test': _write_jsonl(tmp_path / 'test.jsonl', test_rows or _custom_rows(5))}
-  return ['--gin_file=train.gin', '--gin_file=models/t5_1_1/tiny.gin',
-          '--gin_file=tasks/custom.gin', '--gin_file=runs/step_by_step.gin',
-          f'--gin.custom.register.files={files!r}']
+  files = {
+      'train': _write_jsonl(tmp_path / 'train.jsonl', _custom_rows(30)),
+      'test': _write_jsonl(tmp_path / 'test.jsonl', test_rows or _custom_rows(5)),
+  }
+  return [
+      '--gin_file=train.gin',
+      '--gin_file=models/t5_1_1/tiny.gin',
+      '--gin_file=tasks/custom.gin',
+      '--gin_file=runs/step_by_step.gin',
+      f'--gin.custom.register.files={files!r}',
+  ]
 
 
-@pytest.mark.parametrize('args,message', [
-    (["--gin.MIXTURE_OR_TASK_NAME='demo_gt_label'"],
-     "MIXTURE_OR_TASK_NAME 'demo_gt_label' disagrees with DATASET (demo)"),
-    (["--gin.TASK_FEATURE_LENGTHS={'inputs': 0, 'targets': 64}"],
-     "TASK_FEATURE_LENGTHS['inputs'] must be an integer >= 1"),
-    (['--gin.BATCH_SIZE=0'], 'BATCH_SIZE must be >= 1'),
-    (['--gin.undefined_thing.x=1'], 'gin configuration error: No configurable matching'),
-    (['--gin.NOPE=1'], 'the macro NOPE (--gin.NOPE) is set but nothing in this run reads it'),
-    (['--gin.TRAIN_STEP=5'], 'nothing in this run reads it (did you mean TRAIN_STEPS'),
-    (['--gin.LAMBDA=-1.0'], 'LAMBDA must be >= 0; got -1.0'),
-    (['--gin.ALPHA=0.5'], 'set exactly one of LAMBDA'),
-    (['--gin.LAMBDA=0.0'], "LAMBDA = 0 (or ALPHA = 1) gives no weight to the rationales that "
-                           "'demo_gt_step_by_step' trains on"),
-    (["--gin.TASK_VARIANT='standard'"], "'demo_gt_standard' has no rationale examples"),
-    (["--gin_file=nowhere.gin"], 'gin configuration error: Unable to open file: nowhere.gin'),
-    (["--gin.INITIAL_CHECKPOINT_PATH='/nonexistent/ckpt'"],
-     'INITIAL_CHECKPOINT_PATH /nonexistent/ckpt: neither a HF save_pretrained directory'),
-    (["--gin.vocabularies.sentencepiece.path='x'"], 'gin configuration error: No configurable'),
-])
+@pytest.mark.parametrize(
+    'args,message',
+    [
+        (
+            ["--gin.MIXTURE_OR_TASK_NAME='demo_gt_label'"],
+            "MIXTURE_OR_TASK_NAME 'demo_gt_label' disagrees with DATASET (demo)",
+        ),
+        (
+            ["--gin.TASK_FEATURE_LENGTHS={'inputs': 0, 'targets': 64}"],
+            "TASK_FEATURE_LENGTHS['inputs'] must be an integer >= 1",
+        ),
+        (['--gin.BATCH_SIZE=0'], 'BATCH_SIZE must be >= 1'),
+        (['--gin.undefined_thing.x=1'], 'gin configuration error: No configurable matching'),
+        (['--gin.NOPE=1'], 'the macro NOPE (--gin.NOPE) is set but nothing in this run reads it'),
+        (['--gin.TRAIN_STEP=5'], 'nothing in this run reads it (did you mean TRAIN_STEPS'),
+        (['--gin.LAMBDA=-1.0'], 'LAMBDA must be >= 0; got -1.0'),
+        (['--gin.ALPHA=0.5'], 'set exactly one of LAMBDA'),
+        (
+            ['--gin.LAMBDA=0.0'],
+            "gives no weight to the rationales that 'demo_gt_step_by_step' trains on",
+        ),
+        (["--gin.TASK_VARIANT='standard'"], "'demo_gt_standard' has no rationale examples"),
+        (['--gin_file=nowhere.gin'], 'gin configuration error: Unable to open file: nowhere.gin'),
+        (
+            ["--gin.INITIAL_CHECKPOINT_PATH='/nonexistent/ckpt'"],
+            'INITIAL_CHECKPOINT_PATH /nonexistent/ckpt: neither a HF save_pretrained directory',
+        ),
+        (["--gin.vocabularies.sentencepiece.path='x'"], 'gin configuration error: No configurable'),
+    ],
+)
 def test_bad_settings_get_one_clear_line(tmp_path, capsys, args, message):
   line = _one_line_error(capsys, *QUICK, f"--gin.MODEL_DIR='{tmp_path / 'run'}'", *args)
   assert message in line
@@ -76,13 +99,18 @@ def test_bad_settings_get_one_clear_line(tmp_path, capsys, args, message):
 
 def test_a_binding_no_configurable_in_the_run_reads_names_its_file_and_line(tmp_path, capsys):
   extra = tmp_path / 'extra.gin'
-  extra.write_text('from __gin__ import dynamic_registration\n'
-                   'from dsbs_jax.data import vocabularies\n\n'
-                   "vocabularies.sentencepiece.path = 'my.model'\n")
-  line = _one_line_error(capsys, *QUICK, f'--gin_file={extra}',
-                         f"--gin.MODEL_DIR='{tmp_path / 'run'}'")
-  assert (f'the binding dsbs_jax.data.vocabularies.sentencepiece.path ({extra}:4) is set but '
-          'nothing in this run reads it') in line
+  extra.write_text(
+      'from __gin__ import dynamic_registration\n'
+      'from dsbs_jax.data import vocabularies\n\n'
+      "vocabularies.sentencepiece.path = 'my.model'\n"
+  )
+  line = _one_line_error(
+      capsys, *QUICK, f'--gin_file={extra}', f"--gin.MODEL_DIR='{tmp_path / 'run'}'"
+  )
+  assert (
+      f'the binding dsbs_jax.data.vocabularies.sentencepiece.path ({extra}:4) is set but '
+      'nothing in this run reads it'
+  ) in line
 
 
 def test_an_override_that_another_binding_undoes_is_refused(tmp_path, capsys):
@@ -95,14 +123,27 @@ def test_explicit_task_names_keep_every_data_setting(tmp_path, data_root):
   """Naming the task adds nothing and loses nothing: DATA_ROOT, TRAIN_FRACTION and
   DATA_SEED given in gin still pick the rows (this once trained on all 800 rows)."""
   from dsbs_jax.data import benchmarks
-  assert cli(*SVAMP, f"--gin.DATA_ROOT='{data_root}'", '--gin.TRAIN_FRACTION=0.25',
-             '--gin.DATA_SEED=3', "--gin.MIXTURE_OR_TASK_NAME='svamp_gt_step_by_step'",
-             '--plan=1x1') == 0
-  rows = list(seqio.get_mixture_or_task('svamp_gt_label').get_dataset(
-      {'inputs': 512, 'targets': 64}, split='train', shuffle=False).as_numpy_iterator())
+
+  assert (
+      cli(
+          *SVAMP,
+          f"--gin.DATA_ROOT='{data_root}'",
+          '--gin.TRAIN_FRACTION=0.25',
+          '--gin.DATA_SEED=3',
+          "--gin.MIXTURE_OR_TASK_NAME='svamp_gt_step_by_step'",
+          '--plan=1x1',
+      )
+      == 0
+  )
+  rows = list(
+      seqio.get_mixture_or_task('svamp_gt_label')
+      .get_dataset({'inputs': 512, 'targets': 64}, split='train', shuffle=False)
+      .as_numpy_iterator()
+  )
   expected = benchmarks.split_rows('svamp', 'train', root=data_root, train_fraction=0.25, seed=3)
   assert [r['inputs_pretokenized'].decode() for r in rows] == [
-      'predict: ' + r['input'] for r in expected]
+      'predict: ' + r['input'] for r in expected
+  ]
   assert len(rows) == 180  # 800 * 0.25, less the 10% held out for validation
 
 
@@ -113,17 +154,27 @@ def test_explicit_name_of_a_custom_dataset_registers_it(tmp_path):
 
 
 def test_a_name_the_settings_would_not_select_is_refused(tmp_path, data_root, capsys):
-  line = _one_line_error(capsys, *SVAMP, f"--gin.DATA_ROOT='{data_root}'",
-                         "--gin.MIXTURE_OR_TASK_NAME='svamp_gt_label'", '--plan=1x1')
-  assert ("MIXTURE_OR_TASK_NAME 'svamp_gt_label' disagrees with DATASET (svamp), TASK_VARIANT "
-          "('step_by_step') and LABEL_SOURCE ('gt'), which select 'svamp_gt_step_by_step'") in line
+  line = _one_line_error(
+      capsys,
+      *SVAMP,
+      f"--gin.DATA_ROOT='{data_root}'",
+      "--gin.MIXTURE_OR_TASK_NAME='svamp_gt_label'",
+      '--plan=1x1',
+  )
+  assert (
+      "MIXTURE_OR_TASK_NAME 'svamp_gt_label' disagrees with DATASET (svamp), TASK_VARIANT "
+      "('step_by_step') and LABEL_SOURCE ('gt'), which select 'svamp_gt_step_by_step'"
+  ) in line
 
 
-@pytest.mark.parametrize('rows,message', [
-    ([{'input': 'q', 'rationale': 'r'}], "test.jsonl:1: field 'label' (label_gt) is missing"),
-    ('blank', "test.jsonl:5: field 'label' (label_gt) is missing"),
-    ('latin1', 'test.jsonl:3: not valid UTF-8 (byte 0xe9)'),
-])
+@pytest.mark.parametrize(
+    'rows,message',
+    [
+        ([{'input': 'q', 'rationale': 'r'}], "test.jsonl:1: field 'label' (label_gt) is missing"),
+        ('blank', "test.jsonl:5: field 'label' (label_gt) is missing"),
+        ('latin1', 'test.jsonl:3: not valid UTF-8 (byte 0xe9)'),
+    ],
+)
 def test_bad_data_names_file_and_line(tmp_path, capsys, rows, message):
   args = _custom(tmp_path)
   if rows == 'blank':  # blank lines count: the bad row is on line 5, its third row
@@ -132,58 +183,89 @@ def test_bad_data_names_file_and_line(tmp_path, capsys, rows, message):
     _write_jsonl(tmp_path / 'test.jsonl', bad, blank_lines_after=(0, 1))
   elif rows == 'latin1':
     (tmp_path / 'test.jsonl').write_bytes(
-        b'{"input": "a", "label": "b", "rationale": "c"}\n\n{"input": "caf\xe9"}\n')
+        b'{"input": "a", "label": "b", "rationale": "c"}\n\n{"input": "caf\xe9"}\n'
+    )
   else:
     _write_jsonl(tmp_path / 'test.jsonl', rows)
-  line = _one_line_error(capsys, *args, *TINY_MODEL[1:], '--gin.TRAIN_STEPS=1',
-                         f"--gin.MODEL_DIR='{tmp_path / 'run'}'")
+  line = _one_line_error(
+      capsys, *args, *TINY_MODEL[1:], '--gin.TRAIN_STEPS=1', f"--gin.MODEL_DIR='{tmp_path / 'run'}'"
+  )
   assert message in line
 
 
 def test_an_unknown_split_key_is_refused_with_the_known_ones(tmp_path, capsys):
   files = {'train': 'a.jsonl', 'valid': 'b.jsonl', 'test': 'c.jsonl'}
-  line = _one_line_error(capsys, *_custom(tmp_path), f'--gin.custom.register.files={files!r}',
-                         '--plan=1x1')
+  line = _one_line_error(
+      capsys, *_custom(tmp_path), f'--gin.custom.register.files={files!r}', '--plan=1x1'
+  )
   assert "files= has unknown split 'valid'; the splits are 'train', 'validation', 'test'" in line
 
 
 def test_garbage_hf_config_names_the_file(tmp_path, capsys):
   (tmp_path / 'hf').mkdir()
   (tmp_path / 'hf' / 'config.json').write_text('{"d_model": 32,')
-  line = _one_line_error(capsys, *QUICK, f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
-                         f"--gin.INITIAL_CHECKPOINT_PATH='{tmp_path / 'hf'}'")
+  line = _one_line_error(
+      capsys,
+      *QUICK,
+      f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+      f"--gin.INITIAL_CHECKPOINT_PATH='{tmp_path / 'hf'}'",
+  )
   assert f'{tmp_path}/hf/config.json:1: not valid JSON' in line
 
 
-@pytest.mark.parametrize('field,value', [('relative_attention_max_distance', 37),
-                                         ('relative_attention_num_buckets', 16),
-                                         ('layer_norm_epsilon', 1e-5)])
+@pytest.mark.parametrize(
+    'field,value',
+    [
+        ('relative_attention_max_distance', 37),
+        ('relative_attention_num_buckets', 16),
+        ('layer_norm_epsilon', 1e-5),
+    ],
+)
 def test_an_hf_checkpoint_of_another_network_is_refused_by_field(tmp_path, capsys, field, value):
   transformers = pytest.importorskip('transformers')
-  cfg = transformers.T5Config(vocab_size=384, d_model=32, d_kv=16, d_ff=64, num_layers=1,
-                              num_heads=2, feed_forward_proj='gated-gelu',
-                              tie_word_embeddings=False, **{field: value})
+  cfg = transformers.T5Config(
+      vocab_size=384,
+      d_model=32,
+      d_kv=16,
+      d_ff=64,
+      num_layers=1,
+      num_heads=2,
+      feed_forward_proj='gated-gelu',
+      tie_word_embeddings=False,
+      **{field: value},
+  )
   transformers.T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / 'hf')
-  line = _one_line_error(capsys, *QUICK, f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
-                         f"--gin.INITIAL_CHECKPOINT_PATH='{tmp_path / 'hf'}'")
+  line = _one_line_error(
+      capsys,
+      *QUICK,
+      f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+      f"--gin.INITIAL_CHECKPOINT_PATH='{tmp_path / 'hf'}'",
+  )
   assert 'the model differs from its config.json in' in line and f'{field} (' in line
 
 
 def test_gin_dot_flags_are_rewritten_as_bindings():
   assert gin_utils.rewrite_gin_args(['x', '--gin.A.b=3', '--gin_file=f.gin']) == [
-      'x', '--gin_bindings=A.b = 3', '--gin_file=f.gin']
+      'x',
+      '--gin_bindings=A.b = 3',
+      '--gin_file=f.gin',
+  ]
 
 
-@pytest.mark.parametrize('args,missing', [
-    (['--gin_file=train.gin', '--gin_file=models/t5_1_1/tiny.gin'], 'no training data'),
-    (['--gin_file=train.gin', '--gin_file=tasks/svamp.gin'], "'emb_dim'"),  # no model size
-])
+@pytest.mark.parametrize(
+    'args,missing',
+    [
+        (['--gin_file=train.gin', '--gin_file=models/t5_1_1/tiny.gin'], 'no training data'),
+        (['--gin_file=train.gin', '--gin_file=tasks/svamp.gin'], "'emb_dim'"),  # no model size
+    ],
+)
 def test_missing_required_binding(tmp_path, capsys, args, missing):
   line = _one_line_error(capsys, *args, f"--gin.MODEL_DIR='{tmp_path}'")
   assert missing in line
 
 
 class _Syntax(gin.config_parser.ParserDelegate):
+
   def configurable_reference(self, scoped_configurable_name, evaluate):
     return scoped_configurable_name
 
@@ -201,5 +283,6 @@ def test_every_gin_file_parses_and_its_includes_exist():
       statements = list(gin.config_parser.ConfigParser(f, _Syntax()))
     for s in statements:
       if isinstance(s, gin.config_parser.IncludeStatement) and not s.filename.startswith(
-          't5x/configs/'):
+          't5x/configs/'
+      ):
         assert os.path.isfile(os.path.join(root, s.filename)), (path, s.filename)

@@ -8,9 +8,18 @@ from flax import linen as nn
 
 from dsbs_jax import decoding, models, network
 
-CONFIG = network.T5Config(vocab_size=50, emb_dim=32, num_heads=2, num_encoder_layers=2,
-                          num_decoder_layers=2, head_dim=16, mlp_dim=64, dropout_rate=0.0,
-                          relative_attention_num_buckets=8, relative_attention_max_distance=16)
+CONFIG = network.T5Config(
+    vocab_size=50,
+    emb_dim=32,
+    num_heads=2,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+    head_dim=16,
+    mlp_dim=64,
+    dropout_rate=0.0,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=16,
+)
 
 
 def _naive_greedy(module, params, enc, length, eos):
@@ -19,8 +28,9 @@ def _naive_greedy(module, params, enc, length, eos):
   finished = np.zeros(enc.shape[0], bool)
   for t in range(length):
     dec_in = np.concatenate([np.zeros((enc.shape[0], 1), np.int32), out[:, :-1]], 1)
-    logits = module.apply({'params': params}, enc, dec_in, np.ones_like(dec_in),
-                          enable_dropout=False)
+    logits = module.apply(
+        {'params': params}, enc, dec_in, np.ones_like(dec_in), enable_dropout=False
+    )
     nxt = np.where(finished, 0, np.asarray(jnp.argmax(logits[:, t], -1)))
     out[:, t] = nxt
     finished |= nxt == eos
@@ -32,15 +42,15 @@ def _naive_greedy(module, params, enc, length, eos):
 def test_cached_greedy_matches_full_recompute():
   vocab = seqio.PassThroughVocabulary(size=50, eos_id=1)
   model = models.StepByStepModel(network.Transformer(CONFIG), vocab, vocab)
-  variables = model.get_initial_variables(jax.random.PRNGKey(3), {
-      'encoder_input_tokens': (1, 8), 'decoder_input_tokens': (1, 8)})
+  variables = model.get_initial_variables(
+      jax.random.PRNGKey(3), {'encoder_input_tokens': (1, 8), 'decoder_input_tokens': (1, 8)}
+  )
   params = nn.meta.unbox(variables)['params']
   rng = np.random.RandomState(0)
   enc = rng.randint(2, 50, size=(4, 12)).astype(np.int32)
   enc[1, 7:] = 0
   length = 10
-  batch = {'encoder_input_tokens': enc,
-           'decoder_input_tokens': np.zeros((4, length), np.int32)}
+  batch = {'encoder_input_tokens': enc, 'decoder_input_tokens': np.zeros((4, length), np.int32)}
   cached = np.asarray(jax.jit(model.predict_batch)(params, batch))
   expected = _naive_greedy(model.module, params, enc, length, eos=1)
   np.testing.assert_array_equal(cached, expected)
@@ -51,8 +61,11 @@ def test_trimmed_inputs_decode_the_same():
   """Dropping all-padding encoder columns (to a multiple of 8) changes no prediction."""
   vocab = seqio.PassThroughVocabulary(size=50, eos_id=1)
   model = models.StepByStepModel(network.Transformer(CONFIG), vocab, vocab)
-  params = nn.meta.unbox(model.get_initial_variables(jax.random.PRNGKey(4), {
-      'encoder_input_tokens': (1, 8), 'decoder_input_tokens': (1, 8)}))['params']
+  params = nn.meta.unbox(
+      model.get_initial_variables(
+          jax.random.PRNGKey(4), {'encoder_input_tokens': (1, 8), 'decoder_input_tokens': (1, 8)}
+      )
+  )['params']
   enc = np.zeros((3, 40), np.int32)
   enc[:, :11] = np.random.RandomState(1).randint(2, 50, size=(3, 11))
   enc[2, 5:] = 0

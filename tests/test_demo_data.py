@@ -33,7 +33,7 @@ def test_examples_are_consistent_and_varied():
     last_step = float(re.findall(r'= (\d+)\.', e['rationale'])[-1])
     assert metrics.safe_eval_equation(final) == metrics.safe_eval_equation(e['label']) == last_step
     assert e['label'].startswith('(') and '.0' in e['label']
-    n_ops.append(sum(e['label'].count(op) for op in ' + - * /'.split()))
+    n_ops.append(sum(e['label'].count(op) for op in ['+', '-', '*', '/']))
   assert set(n_ops) == {1, 2, 3}
   assert len({e['label'] for e in rows}) > 0.5 * len(rows)
   # Distractor numbers appear in inputs but not in the label.
@@ -51,15 +51,25 @@ def test_constant_answer_baseline_is_low():
 
 def test_registered_tasks_and_mixture():
   family = demo.register()
-  assert family.names == ['demo_gt_label', 'demo_rationale', 'demo_gt_step_by_step',
-                          'demo_gt_standard']
+  assert family.names == [
+      'demo_gt_label',
+      'demo_rationale',
+      'demo_gt_step_by_step',
+      'demo_gt_standard',
+  ]
   mixture = seqio.get_mixture_or_task('demo_gt_step_by_step')
   assert sorted(t.name for t in mixture.tasks) == ['demo_gt_label', 'demo_rationale']
   vocab = seqio.ByteVocabulary()
-  label = next(seqio.get_mixture_or_task('demo_gt_label').get_dataset(
-      LENGTHS, split='test', shuffle=False).as_numpy_iterator())
-  rationale = next(seqio.get_mixture_or_task('demo_rationale').get_dataset(
-      LENGTHS, split='test', shuffle=False).as_numpy_iterator())
+  label = next(
+      seqio.get_mixture_or_task('demo_gt_label')
+      .get_dataset(LENGTHS, split='test', shuffle=False)
+      .as_numpy_iterator()
+  )
+  rationale = next(
+      seqio.get_mixture_or_task('demo_rationale')
+      .get_dataset(LENGTHS, split='test', shuffle=False)
+      .as_numpy_iterator()
+  )
   first = demo.generate()['test'][0]
   assert vocab.decode(label['inputs'].tolist()) == 'predict: ' + first['input']
   assert vocab.decode(label['targets'].tolist()) == first['label']
@@ -71,9 +81,14 @@ def test_registered_tasks_and_mixture():
 
 def test_packed_mixture_keeps_each_tokens_task():
   demo.register()
-  ds = seqio.get_dataset('demo_gt_step_by_step', LENGTHS, dataset_split='validation',
-                         shuffle=False, seed=0,
-                         feature_converter=StepByStepFeatureConverter(pack=True))
+  ds = seqio.get_dataset(
+      'demo_gt_step_by_step',
+      LENGTHS,
+      dataset_split='validation',
+      shuffle=False,
+      seed=0,
+      feature_converter=StepByStepFeatureConverter(pack=True),
+  )
   vocab = seqio.ByteVocabulary()
   seen = set()
   for row in ds.take(20).as_numpy_iterator():
@@ -101,13 +116,23 @@ def test_sentencepiece_vocabulary_by_path(tmp_path):
   rows = demo.generate()['train'][:3000]
   text.write_text('\n'.join(e['input'] + '\n' + e['rationale'] + '\n' + e['label'] for e in rows))
   prefix = tmp_path / 'demo_spm'
-  spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(prefix), vocab_size=150,
-                                 pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                 user_defined_symbols=['(', ')', '.'])
+  spm.SentencePieceTrainer.train(
+      input=str(text),
+      model_prefix=str(prefix),
+      vocab_size=150,
+      pad_id=0,
+      eos_id=1,
+      unk_id=2,
+      bos_id=-1,
+      user_defined_symbols=['(', ')', '.'],
+  )
   vocab = seqio.SentencePieceVocabulary(str(prefix) + '.model')
   family = demo.register(vocabulary=vocab, name='demo_spm')
-  ex = next(seqio.get_mixture_or_task(family.label_tasks['gt']).get_dataset(
-      LENGTHS, split='test', shuffle=False).as_numpy_iterator())
+  ex = next(
+      seqio.get_mixture_or_task(family.label_tasks['gt'])
+      .get_dataset(LENGTHS, split='test', shuffle=False)
+      .as_numpy_iterator()
+  )
   first = demo.generate()['test'][0]
   assert vocab.decode(ex['targets'].tolist()) == first['label']
   assert len(ex['inputs']) < 0.75 * len('predict: ' + first['input'])  # subwords, not bytes

@@ -12,20 +12,31 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from conftest import NO_EVALUATION, REPO, SUBPROCESS_ENV, TINY_MODEL, cli
 
 # Dropout on, so that exact resume covers the dropout RNG too.
-MODEL = [*TINY_MODEL, '--gin.DROPOUT_RATE=0.1', '--gin.train.train.log_period=1',
-         *NO_EVALUATION, '--gin.checkpoints.CheckpointConfig.period=5']
+MODEL = [
+    *TINY_MODEL,
+    '--gin.DROPOUT_RATE=0.1',
+    '--gin.train.train.log_period=1',
+    *NO_EVALUATION,
+    '--gin.checkpoints.CheckpointConfig.period=5',
+]
 
 
 def _start(model_dir, *extra):
   """A dsbs-train process whose output goes to a file (a pipe nobody reads would fill)."""
   with open(model_dir.parent / f'{model_dir.name}.log', 'a') as log:
-    return subprocess.Popen([sys.executable, '-m', 'dsbs_jax', *MODEL, *extra,
-                             f"--gin.MODEL_DIR='{model_dir}'"], cwd=REPO, env=SUBPROCESS_ENV,
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, '-m', 'dsbs_jax', *MODEL, *extra, f"--gin.MODEL_DIR='{model_dir}'"],
+        cwd=REPO,
+        env=SUBPROCESS_ENV,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _output(proc, model_dir, timeout):
@@ -61,6 +72,7 @@ def _params(model_dir, step):
   return jax.device_get(manager.restore(step)['state']['params'])
 
 
+@pytest.mark.slow
 def test_sigkill_and_restart_resume_exactly(tmp_path):
   straight = tmp_path / 'straight'
   assert _start(straight, '--gin.TRAIN_STEPS=40').wait(timeout=300) == 0
@@ -77,11 +89,10 @@ def test_sigkill_and_restart_resume_exactly(tmp_path):
   assert restart.returncode == 0, out
   assert 'Resumed from' in out
   assert _final_losses(killed) == _final_losses(straight)  # every step, bitwise
-  jax.tree_util.tree_map(np.testing.assert_array_equal, _params(killed, 40),
-                         _params(straight, 40))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, _params(killed, 40), _params(straight, 40))
 
 
-_SAVER = textwrap.dedent('''
+_SAVER = textwrap.dedent("""
     import sys, numpy as np
     from dsbs_jax.checkpoints import Checkpointer
     ckpt = Checkpointer(sys.argv[1], save_interval_steps=1, max_to_keep=2, async_save=False)
@@ -91,23 +102,32 @@ _SAVER = textwrap.dedent('''
       ckpt.save(step, state, batches_consumed=step)
       print(step, flush=True)
       step += 1
-''')
+""")
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_restorable(tmp_path):
   directory = str(tmp_path / 'ckpt')
   from dsbs_jax.checkpoints import Checkpointer
+
   for delay in (0.3, 0.55, 0.8):
-    proc = subprocess.Popen([sys.executable, '-c', _SAVER, directory], cwd=REPO,
-                            env=SUBPROCESS_ENV, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, '-c', _SAVER, directory],
+        cwd=REPO,
+        env=SUBPROCESS_ENV,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     proc.stdout.readline()  # at least one save finished
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     checkpointer = Checkpointer(directory, async_save=False)
     step = checkpointer.latest_step()
-    abstract = {'w': jax.ShapeDtypeStruct((4_000_000,), np.float32),
-                'b': jax.ShapeDtypeStruct((1000,), np.int64)}
+    abstract = {
+        'w': jax.ShapeDtypeStruct((4_000_000,), np.float32),
+        'b': jax.ShapeDtypeStruct((1000,), np.int64),
+    }
     state, consumed = checkpointer.restore(abstract)
     checkpointer.close()
     assert consumed == step
@@ -115,6 +135,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_restorable(tmp_path
     np.testing.assert_array_equal(state['b'], np.arange(1000) * step)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
   model_dir = tmp_path / 'run'
   proc = _start(model_dir, '--gin.TRAIN_STEPS=100000')
@@ -132,9 +153,14 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
 
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
   model_dir = tmp_path / 'run'
-  code = cli(*MODEL, f"--gin.MODEL_DIR='{model_dir}'", '--gin.TRAIN_STEPS=20',
-             '--gin.checkpoints.CheckpointConfig.period=2', '--gin.LEARNING_RATE=1e38',
-             '--gin.optimizers.create_optimizer.warmup_steps=4')
+  code = cli(
+      *MODEL,
+      f"--gin.MODEL_DIR='{model_dir}'",
+      '--gin.TRAIN_STEPS=20',
+      '--gin.checkpoints.CheckpointConfig.period=2',
+      '--gin.LEARNING_RATE=1e38',
+      '--gin.optimizers.create_optimizer.warmup_steps=4',
+  )
   err = capsys.readouterr().err
   assert code == 2
   assert 'param_norm is inf at step 2; stopping before saving it' in err

@@ -12,8 +12,16 @@ from flax import linen as nn
 from dsbs_jax import losses, models, network
 from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
 
-CONFIG = network.T5Config(vocab_size=64, emb_dim=32, num_heads=2, num_encoder_layers=2,
-                          num_decoder_layers=2, head_dim=16, mlp_dim=64, dropout_rate=0.0)
+CONFIG = network.T5Config(
+    vocab_size=64,
+    emb_dim=32,
+    num_heads=2,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+    head_dim=16,
+    mlp_dim=64,
+    dropout_rate=0.0,
+)
 LENGTHS = {'inputs': 24, 'targets': 16}
 
 
@@ -22,8 +30,8 @@ def _examples(rng):
   out = []
   for task, n in [(1, 3), (2, 3)]:
     for _ in range(n):
-      x = rng.randint(3, 64, size=rng.randint(4, 10)).tolist() + [1]
-      y = rng.randint(3, 64, size=rng.randint(2, 7 if task == 1 else 12)).tolist() + [1]
+      x = [*rng.randint(3, 64, size=rng.randint(4, 10)).tolist(), 1]
+      y = [*rng.randint(3, 64, size=rng.randint(2, 7 if task == 1 else 12)).tolist(), 1]
       out.append({'inputs': x, 'targets': y, 'task_id': [task]})
   return out
 
@@ -31,9 +39,12 @@ def _examples(rng):
 def _convert(examples, pack):
   ds = tf.data.Dataset.from_generator(
       lambda: iter(examples),
-      output_signature={'inputs': tf.TensorSpec([None], tf.int32),
-                        'targets': tf.TensorSpec([None], tf.int32),
-                        'task_id': tf.TensorSpec([1], tf.int32)})
+      output_signature={
+          'inputs': tf.TensorSpec([None], tf.int32),
+          'targets': tf.TensorSpec([None], tf.int32),
+          'task_id': tf.TensorSpec([1], tf.int32),
+      },
+  )
   rows = list(StepByStepFeatureConverter(pack=pack)(ds, LENGTHS).as_numpy_iterator())
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
@@ -57,8 +68,8 @@ def _two_pass_reference(params, examples, lam):
     enc = np.zeros((len(rows), LENGTHS['inputs']), np.int32)
     tgt = np.zeros((len(rows), LENGTHS['targets']), np.int32)
     for i, e in enumerate(rows):
-      enc[i, :len(e['inputs'])] = e['inputs']
-      tgt[i, :len(e['targets'])] = e['targets']
+      enc[i, : len(e['inputs'])] = e['inputs']
+      tgt[i, : len(e['targets'])] = e['targets']
     dec_in = np.concatenate([np.zeros_like(tgt[:, :1]), tgt[:, :-1]], 1)
     logits = module.apply({'params': params}, enc, dec_in, tgt, enable_dropout=False)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, tgt)
@@ -105,10 +116,12 @@ def test_lambda_zero_is_standard_finetuning():
   params = _params(model)
   grad = jax.grad(lambda p, b: model.loss_fn(p, b, None)[0])
   # Rationale tokens contribute exactly nothing: same loss and gradients, bitwise.
-  np.testing.assert_array_equal(model.loss_fn(params, mixed, None)[0],
-                                model.loss_fn(params, label_only, None)[0])
-  jax.tree_util.tree_map(np.testing.assert_array_equal, grad(params, mixed),
-                         grad(params, label_only))
+  np.testing.assert_array_equal(
+      model.loss_fn(params, mixed, None)[0], model.loss_fn(params, label_only, None)[0]
+  )
+  jax.tree_util.tree_map(
+      np.testing.assert_array_equal, grad(params, mixed), grad(params, label_only)
+  )
   # ... and the value is the plain mean token cross-entropy of the label examples.
   _, (label, _) = _two_pass_reference(params, examples, 0.0)
   np.testing.assert_allclose(float(model.loss_fn(params, mixed, None)[0]), label, atol=1e-5)
@@ -137,9 +150,9 @@ def test_token_cross_entropy_label_smoothing_and_z_loss_match_t5x_formula(rng):
   soft = np.full(logits.shape, low)
   np.put_along_axis(soft, targets[..., None], conf, axis=-1)
   norm = -(conf * np.log(conf) + 10 * low * np.log(low + 1e-20))
-  expected = -(soft * log_p).sum(-1) - norm + zl * log_z ** 2
+  expected = -(soft * log_p).sum(-1) - norm + zl * log_z**2
   np.testing.assert_allclose(np.asarray(loss), expected, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(z), zl * log_z ** 2, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(z), zl * log_z**2, rtol=1e-5)
 
 
 def test_multitask_loss_pure_function(rng):
@@ -152,8 +165,33 @@ def test_multitask_loss_pure_function(rng):
   np.testing.assert_allclose(float(total), 0.5 * expected[0] + 2.0 * expected[1], rtol=1e-6)
 
 
-@pytest.mark.parametrize('kwargs', [{}, {'lambda_': 1.0, 'alpha': 0.5}, {'lambda_': -1.0},
-                                    {'alpha': 1.5}])
+@pytest.mark.parametrize(
+    'kwargs', [{}, {'lambda_': 1.0, 'alpha': 0.5}, {'lambda_': -1.0}, {'alpha': 1.5}]
+)
 def test_task_weights_reject_bad_settings(kwargs):
   with pytest.raises(ValueError):
     losses.task_weights(**kwargs)
+
+
+def test_score_batch_is_each_rows_log_likelihood():
+  """T5X's scoring API (`t5x.infer` mode 'score'): row i scores minus the sum of its
+  target tokens' cross-entropy, what loss_fn averages over a one-row batch."""
+  from conftest import synthetic_batch, tiny_student
+
+  student = tiny_student()
+  batch = synthetic_batch(rows=3, ragged=True)
+  del batch['decoder_task_ids']  # plain SeqIO rows: every target token counts
+  params = nn.meta.unbox(
+      student.get_initial_variables(
+          jax.random.PRNGKey(0),
+          {k: batch[k].shape for k in ('encoder_input_tokens', 'decoder_input_tokens')},
+      )['params']
+  )
+  scores = np.asarray(student.score_batch(params, batch))
+  for i in range(3):
+    row = {k: v[i : i + 1] for k, v in batch.items()}
+    _, metrics = student.loss_fn(params, row, None)
+    assert scores[i] == pytest.approx(
+        -float(metrics['label/loss']) * float(metrics['label/tokens']), rel=1e-5
+    )
+  assert (scores < 0).all()

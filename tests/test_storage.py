@@ -30,10 +30,10 @@ def test_files_round_trip_on_the_emulator(gcs):
   resumed.write('2\n')
   resumed.close()
   assert storage.read_text('gs://dsbs/unit/log.jsonl') == '1\n2\n'
-  with pytest.raises(DataError, match='gs://dsbs/unit/missing.txt: file not found'):
+  with pytest.raises(DataError, match=r'gs://dsbs/unit/missing\.txt: file not found'):
     storage.read_text('gs://dsbs/unit/missing.txt')
   storage.write_atomic('gs://dsbs/unit/latin1.jsonl', b'{}\n{"a": "caf\xe9"}\n')
-  with pytest.raises(DataError, match='latin1.jsonl:2: not valid UTF-8'):
+  with pytest.raises(DataError, match=r'latin1\.jsonl:2: not valid UTF-8'):
     storage.read_text('gs://dsbs/unit/latin1.jsonl')
   assert storage.check_writable('gs://dsbs/unit/dir', 'MODEL_DIR').name == 'dir'
   with pytest.raises(ConfigError, match="MODEL_DIR 'gs://no-such-bucket/x' cannot be written"):
@@ -43,9 +43,11 @@ def test_files_round_trip_on_the_emulator(gcs):
 def test_processes_probe_one_model_dir_at_the_same_time(tmp_path):
   """Every process of a multi-host run checks the shared MODEL_DIR as it starts; one
   shared probe file once raced (one process removed it under another)."""
+
   def probe_many(_):
     for _ in range(200):
       storage.check_writable(str(tmp_path / 'run'), 'MODEL_DIR')
+
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
     list(pool.map(probe_many, range(4)))
   assert os.listdir(tmp_path / 'run') == []
@@ -53,6 +55,7 @@ def test_processes_probe_one_model_dir_at_the_same_time(tmp_path):
 
 def test_tensorboard_events_on_the_emulator_read_back(gcs, tmp_path):
   from tensorboard.backend.event_processing import event_accumulator
+
   writer = monitoring.MetricWriter('gs://dsbs/tb/train')
   writer.write(1, {'loss': 2.5})
   writer.write(2, {'loss': 1.5})
@@ -63,10 +66,14 @@ def test_tensorboard_events_on_the_emulator_read_back(gcs, tmp_path):
   events = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={'tensors': 0})
   events.Reload()
   assert [(e.step, e.tensor_proto.float_val[0]) for e in events.Tensors('loss')] == [
-      (1, 2.5), (2, 1.5)]
+      (1, 2.5),
+      (2, 1.5),
+  ]
   assert events.Tensors('config')[0].tensor_proto.string_val == [b'TRAIN_STEPS = 2']
-  assert [json.loads(l)['loss'] for l in storage.read_text(
-      'gs://dsbs/tb/train/metrics.jsonl').splitlines()] == [2.5, 1.5]
+  assert [
+      json.loads(line)['loss']
+      for line in storage.read_text('gs://dsbs/tb/train/metrics.jsonl').splitlines()
+  ] == [2.5, 1.5]
 
 
 def test_readers_take_urls(gcs, data_root, tmp_path):
@@ -75,13 +82,23 @@ def test_readers_take_urls(gcs, data_root, tmp_path):
   rows = benchmarks.split_rows('svamp', 'test', root='gs://dsbs/readers')
   assert len(rows) == 200 and rows[0]['label_gt'] == '( 10.0 * 45.0 )'
   storage.write_atomic('gs://dsbs/readers/own/train.csv', 'input,label,rationale\nq,a,r\n')
-  storage.write_atomic('gs://dsbs/readers/own/test.jsonl',
-                       '{"input": "q", "label": "a", "rationale": "r"}\n')
-  family = custom.register('gcs_own', files={'train': 'gs://dsbs/readers/own/train.csv',
-                                             'test': 'gs://dsbs/readers/own/test.jsonl'})
+  storage.write_atomic(
+      'gs://dsbs/readers/own/test.jsonl', '{"input": "q", "label": "a", "rationale": "r"}\n'
+  )
+  family = custom.register(
+      'gcs_own',
+      files={
+          'train': 'gs://dsbs/readers/own/train.csv',
+          'test': 'gs://dsbs/readers/own/test.jsonl',
+      },
+  )
   import seqio
-  example = next(seqio.get_mixture_or_task(family.label_tasks['gt']).get_dataset(
-      {'inputs': 32, 'targets': 8}, split='test', shuffle=False).as_numpy_iterator())
+
+  example = next(
+      seqio.get_mixture_or_task(family.label_tasks['gt'])
+      .get_dataset({'inputs': 32, 'targets': 8}, split='test', shuffle=False)
+      .as_numpy_iterator()
+  )
   assert example['inputs_pretokenized'] == b'predict: q'
 
 
@@ -89,30 +106,48 @@ def _read_lines(url):
   return storage.read_text(url).splitlines() if storage.exists(url) else []
 
 
-def test_a_run_on_cloud_storage_trains_is_killed_resumes_and_reports_there(gcs, data_root,
-                                                                         tmp_path):
+@pytest.mark.slow
+def test_a_run_on_cloud_storage_trains_is_killed_resumes_and_reports_there(
+    gcs, data_root, tmp_path
+):
   """MODEL_DIR, DATA_ROOT and the vocabulary all in the bucket; nothing written locally."""
   from dsbs_jax.data import demo, vocabularies
+
   fs = fsspec.filesystem('gs')
   fs.put(os.path.join(data_root, 'svamp'), 'dsbs/data/svamp', recursive=True)
   demo.register()
-  spm = vocabularies.train_sentencepiece(vocabularies.task_texts('demo_gt_step_by_step'),
-                                         'gs://dsbs/vocab/spm', vocab_size=200)
-  flags = ['--gin_file=train.gin', '--gin_file=models/t5_1_1/tiny.gin',
-           '--gin_file=tasks/svamp.gin', '--gin_file=runs/step_by_step.gin',
-           '--gin_file=vocabularies/sentencepiece.gin', f"--gin.SENTENCEPIECE_MODEL='{spm}'",
-           '--gin.EXTRA_IDS=0', '--gin.VOCAB_SIZE=256', *TINY_MODEL[1:],
-           "--gin.DATA_ROOT='gs://dsbs/data'", "--gin.MODEL_DIR='gs://dsbs/run'",
-           "--gin.TASK_FEATURE_LENGTHS={'inputs': 192, 'targets': 16}",
-           '--gin.train.train.log_period=1', '--gin.checkpoints.CheckpointConfig.period=4',
-           '--gin.evaluation.EvaluationConfig.num_examples=8']
+  spm = vocabularies.train_sentencepiece(
+      vocabularies.task_texts('demo_gt_step_by_step'), 'gs://dsbs/vocab/spm', vocab_size=200
+  )
+  flags = [
+      '--gin_file=train.gin',
+      '--gin_file=models/t5_1_1/tiny.gin',
+      '--gin_file=tasks/svamp.gin',
+      '--gin_file=runs/step_by_step.gin',
+      '--gin_file=vocabularies/sentencepiece.gin',
+      f"--gin.SENTENCEPIECE_MODEL='{spm}'",
+      '--gin.EXTRA_IDS=0',
+      '--gin.VOCAB_SIZE=256',
+      *TINY_MODEL[1:],
+      "--gin.DATA_ROOT='gs://dsbs/data'",
+      "--gin.MODEL_DIR='gs://dsbs/run'",
+      "--gin.TASK_FEATURE_LENGTHS={'inputs': 192, 'targets': 16}",
+      '--gin.train.train.log_period=1',
+      '--gin.checkpoints.CheckpointConfig.period=4',
+      '--gin.evaluation.EvaluationConfig.num_examples=8',
+  ]
   env = {**SUBPROCESS_ENV, **gcs, 'HOME': str(tmp_path)}  # the vocabulary's local cache too
   cwd = tmp_path / 'cwd'
   cwd.mkdir()
 
   def start(steps, log):
-    return subprocess.Popen([sys.executable, '-m', 'dsbs_jax', *flags, f'--gin.TRAIN_STEPS={steps}'],
-                            cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, '-m', 'dsbs_jax', *flags, f'--gin.TRAIN_STEPS={steps}'],
+        cwd=cwd,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
   with open(tmp_path / 'first.log', 'w') as log:
     first = start(10000, log)
@@ -129,18 +164,32 @@ def test_a_run_on_cloud_storage_trains_is_killed_resumes_and_reports_there(gcs, 
   out = (tmp_path / 'second.log').read_text()
   assert second.returncode == 0, out
   assert 'Resumed from gs://dsbs/run/checkpoints at step 4' in out
-  assert [json.loads(line)['step'] for line in _read_lines('gs://dsbs/run/train/metrics.jsonl')
-          ][-4:] == [6, 7, 8, 9]
+  assert [json.loads(line)['step'] for line in _read_lines('gs://dsbs/run/train/metrics.jsonl')][
+      -4:
+  ] == [6, 7, 8, 9]
   results = json.loads(storage.read_text('gs://dsbs/run/results.json'))
   assert results['step'] == 9 and 'svamp_gt_label' in results['eval']['test']
   assert 'TRAIN_STEPS = 9' in storage.read_text('gs://dsbs/run/config.gin')
   names = {p.name for p in storage.resolve('gs://dsbs/run').iterdir()}
-  assert {'checkpoints', 'best', 'train', 'eval', 'inference_eval', 'config.gin', 'run.json',
-          'results.json'} <= names
-  assert any(p.name.startswith('events.out.tfevents')
-             for p in storage.resolve('gs://dsbs/run/train').iterdir())
-  steps = sorted(int(p.name) for p in storage.resolve('gs://dsbs/run/checkpoints').iterdir()
-                 if p.name.isdigit())
+  assert {
+      'checkpoints',
+      'best',
+      'train',
+      'eval',
+      'inference_eval',
+      'config.gin',
+      'run.json',
+      'results.json',
+  } <= names
+  assert any(
+      p.name.startswith('events.out.tfevents')
+      for p in storage.resolve('gs://dsbs/run/train').iterdir()
+  )
+  steps = sorted(
+      int(p.name)
+      for p in storage.resolve('gs://dsbs/run/checkpoints').iterdir()
+      if p.name.isdigit()
+  )
   assert steps[-1] == 9
   best = results['best']['step']
   assert storage.exists(f'gs://dsbs/run/inference_eval/test/svamp_gt_label-{best:06d}.jsonl')

@@ -16,10 +16,13 @@ from conftest import NO_EVALUATION, TINY_MODEL, cli
 from dsbs_jax import hf_checkpoint
 from dsbs_jax.checkpoints import Checkpointer
 
-TINY = [*TINY_MODEL, '--gin.train.train.log_period=10',
-        '--gin.checkpoints.CheckpointConfig.period=20',
-        '--gin.evaluation.EvaluationConfig.num_examples=16',
-        '--gin.optimizers.create_optimizer.warmup_steps=5']
+TINY = [
+    *TINY_MODEL,
+    '--gin.train.train.log_period=10',
+    '--gin.checkpoints.CheckpointConfig.period=20',
+    '--gin.evaluation.EvaluationConfig.num_examples=16',
+    '--gin.optimizers.create_optimizer.warmup_steps=5',
+]
 
 
 def _run(model_dir, *extra):
@@ -45,7 +48,9 @@ def test_short_run_learns_writes_outputs_and_resumes(tmp_path, capsys):
   out = capsys.readouterr().out
   assert 'steps/s' in out and 'ETA' in out
   assert 'model selection: validation every 20 steps' in out  # on by default, at the save period
-  rows = [json.loads(line) for line in (model_dir / 'train' / 'metrics.jsonl').read_text().splitlines()]
+  rows = [
+      json.loads(line) for line in (model_dir / 'train' / 'metrics.jsonl').read_text().splitlines()
+  ]
   assert [r['step'] for r in rows] == [10, 20, 30, 40]
   assert rows[-1]['loss'] < 0.7 * rows[0]['loss']
   assert rows[-1]['label/loss'] < rows[0]['label/loss']
@@ -57,7 +62,7 @@ def test_short_run_learns_writes_outputs_and_resumes(tmp_path, capsys):
   assert {'steps_per_sec', 'tokens_per_sec', 'learning_rate', 'grad_norm'} <= set(events)
   # The run is recorded: the operative gin config (as T5X writes it), versions, commit.
   config = (model_dir / 'config.gin').read_text()
-  assert 'TRAIN_STEPS = 40' in config and "# jax: " + jax.__version__ in config
+  assert 'TRAIN_STEPS = 40' in config and '# jax: ' + jax.__version__ in config
   assert 'TRAIN_STEPS = 40' in texts['config']
   run = json.loads((model_dir / 'run.json').read_text())
   assert run['versions']['jax'] == jax.__version__ and 'commit' in run
@@ -69,8 +74,10 @@ def test_short_run_learns_writes_outputs_and_resumes(tmp_path, capsys):
   best = results['best']
   assert best['metric'] == 'demo_gt_label/equation_accuracy' and best['step'] in (20, 40)
   assert sorted(os.listdir(model_dir / 'best')) == [str(best['step'])]
-  validation = [json.loads(line) for line in
-                (model_dir / 'eval' / 'validation' / 'metrics.jsonl').read_text().splitlines()]
+  validation = [
+      json.loads(line)
+      for line in (model_dir / 'eval' / 'validation' / 'metrics.jsonl').read_text().splitlines()
+  ]
   assert [v['step'] for v in validation] == [20, 40]
   assert best['value'] == max(v[best['metric']] for v in validation)
   assert {'teacher_forced/label/loss', 'teacher_forced/rationale/loss'} <= set(validation[0])
@@ -78,9 +85,10 @@ def test_short_run_learns_writes_outputs_and_resumes(tmp_path, capsys):
   lines = [json.loads(line) for line in predictions.read_text().splitlines()]
   assert len(lines) == 16 and {'input', 'prediction', 'target'} <= set(lines[0])
   assert lines[0]['input']['inputs_pretokenized'].startswith('predict: ')
-  seqio_metrics = (model_dir / 'inference_eval' / 'test' / 'demo_gt_label-metrics.jsonl')
+  seqio_metrics = model_dir / 'inference_eval' / 'test' / 'demo_gt_label-metrics.jsonl'
   assert json.loads(seqio_metrics.read_text())['equation_accuracy'] == (
-      results['eval']['test']['demo_gt_label']['equation_accuracy'])
+      results['eval']['test']['demo_gt_label']['equation_accuracy']
+  )
   assert 0.0 <= results['eval']['test']['demo_gt_label']['equation_accuracy'] <= 100.0
   assert list(results['eval']) == ['test']
   _exports_to_huggingface(model_dir / 'best', best['step'], tmp_path / 'hf', capsys)
@@ -96,20 +104,24 @@ def _exports_to_huggingface(checkpoint, step, output, capsys):
   torch = pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
   from dsbs_jax import export, network
+
   capsys.readouterr()
   assert export.main(['--checkpoint', str(checkpoint), '--output', str(output)]) == 0
   assert capsys.readouterr().out.strip() == f'exported step {step} of {checkpoint} to {output}'
   config, params = hf_checkpoint.load_hf_checkpoint(str(output))
-  jax.tree_util.tree_map(np.testing.assert_array_equal, params,
-                         _params(checkpoint.parent, step, checkpoint.name))
+  jax.tree_util.tree_map(
+      np.testing.assert_array_equal, params, _params(checkpoint.parent, step, checkpoint.name)
+  )
   hf_model = transformers.T5ForConditionalGeneration.from_pretrained(str(output)).eval()
   tokens = np.random.RandomState(0).randint(2, 384, size=(2, 20))
   decoder_in = np.concatenate([np.zeros((2, 1), int), tokens[:, :9]], axis=1)
-  ours = network.Transformer(config).apply({'params': params}, tokens, decoder_in,
-                                           tokens[:, :10], enable_dropout=False)
+  ours = network.Transformer(config).apply(
+      {'params': params}, tokens, decoder_in, tokens[:, :10], enable_dropout=False
+  )
   with torch.no_grad():
-    theirs = hf_model(input_ids=torch.tensor(tokens),
-                      decoder_input_ids=torch.tensor(decoder_in)).logits.numpy()
+    theirs = hf_model(
+        input_ids=torch.tensor(tokens), decoder_input_ids=torch.tensor(decoder_in)
+    ).logits.numpy()
   assert np.abs(np.asarray(ours) - theirs).max() <= 1e-4
 
 
@@ -145,20 +157,35 @@ def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, 
 
 
 def test_paper_dataset_trains_from_its_gin_files(tmp_path, data_root, capsys):
-  from dsbs_jax.data import benchmarks, demo, vocabularies
+  from dsbs_jax.data import demo, vocabularies
+
   demo.register()
-  spm = vocabularies.train_sentencepiece(vocabularies.task_texts('demo_gt_step_by_step'),
-                                         str(tmp_path / 'spm'), vocab_size=200)
-  benchmarks._released.cache_clear()  # so that the parse report is logged by this run
+  spm = vocabularies.train_sentencepiece(
+      vocabularies.task_texts('demo_gt_step_by_step'), str(tmp_path / 'spm'), vocab_size=200
+  )
+  root = tmp_path / 'data'  # a root no earlier test read, so this run parses and logs it
+  shutil.copytree(os.path.join(data_root, 'svamp'), root / 'svamp')
   model_dir = tmp_path / 'svamp'
-  assert cli(
-      '--gin_file=train.gin', '--gin_file=models/t5_1_1/tiny.gin',
-      '--gin_file=tasks/svamp.gin', '--gin_file=runs/step_by_step.gin',
-      '--gin_file=vocabularies/sentencepiece.gin', f"--gin.SENTENCEPIECE_MODEL='{spm}'",
-      '--gin.EXTRA_IDS=0', '--gin.VOCAB_SIZE=256', *TINY[1:],
-      f"--gin.DATA_ROOT='{data_root}'", "--gin.LABEL_SOURCE='llm'", '--gin.TRAIN_FRACTION=0.5',
-      "--gin.TASK_FEATURE_LENGTHS={'inputs': 192, 'targets': 16}", '--gin.TRAIN_STEPS=10',
-      f"--gin.MODEL_DIR='{model_dir}'") == 0
+  assert (
+      cli(
+          '--gin_file=train.gin',
+          '--gin_file=models/t5_1_1/tiny.gin',
+          '--gin_file=tasks/svamp.gin',
+          '--gin_file=runs/step_by_step.gin',
+          '--gin_file=vocabularies/sentencepiece.gin',
+          f"--gin.SENTENCEPIECE_MODEL='{spm}'",
+          '--gin.EXTRA_IDS=0',
+          '--gin.VOCAB_SIZE=256',
+          *TINY[1:],
+          f"--gin.DATA_ROOT='{root}'",
+          "--gin.LABEL_SOURCE='llm'",
+          '--gin.TRAIN_FRACTION=0.5',
+          "--gin.TASK_FEATURE_LENGTHS={'inputs': 192, 'targets': 16}",
+          '--gin.TRAIN_STEPS=10',
+          f"--gin.MODEL_DIR='{model_dir}'",
+      )
+      == 0
+  )
   out = capsys.readouterr().out
   assert 'svamp/train: parsed 787/800 teacher outputs, 13 unparseable' in out
   results = json.loads((model_dir / 'results.json').read_text())
@@ -174,28 +201,55 @@ def test_missing_evaluation_data_stops_the_run_before_its_first_step(tmp_path, d
   shutil.copytree(os.path.join(data_root, 'svamp'), root / 'svamp')
   os.remove(root / 'svamp' / 'llm' / 'test_CoT_0.json')
   model_dir = tmp_path / 'run'
-  assert cli('--gin_file=train.gin', '--gin_file=models/t5_1_1/tiny.gin',
-             '--gin_file=tasks/svamp.gin', '--gin_file=runs/step_by_step.gin', *TINY[1:],
-             f"--gin.DATA_ROOT='{root}'", '--gin.TRAIN_STEPS=10',
-             f"--gin.MODEL_DIR='{model_dir}'") == 2
+  assert (
+      cli(
+          '--gin_file=train.gin',
+          '--gin_file=models/t5_1_1/tiny.gin',
+          '--gin_file=tasks/svamp.gin',
+          '--gin_file=runs/step_by_step.gin',
+          *TINY[1:],
+          f"--gin.DATA_ROOT='{root}'",
+          '--gin.TRAIN_STEPS=10',
+          f"--gin.MODEL_DIR='{model_dir}'",
+      )
+      == 2
+  )
   captured = capsys.readouterr()
-  assert captured.err.strip() == (f'dsbs-train: error: {root}/svamp/llm/test_CoT_0.json: file not '
-                                  'found (the teacher outputs for this split)')
+  assert captured.err.strip() == (
+      f'dsbs-train: error: {root}/svamp/llm/test_CoT_0.json: file not '
+      'found (the teacher outputs for this split)'
+  )
   assert 'First step' not in captured.out and not (model_dir / 'checkpoints').exists()
 
 
 def test_initial_checkpoint_from_huggingface(tmp_path):
   torch = pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
-  cfg = transformers.T5Config(vocab_size=384, d_model=32, d_kv=16, d_ff=64, num_layers=1,
-                              num_heads=2, feed_forward_proj='gated-gelu',
-                              tie_word_embeddings=False, decoder_start_token_id=0)
+  cfg = transformers.T5Config(
+      vocab_size=384,
+      d_model=32,
+      d_kv=16,
+      d_ff=64,
+      num_layers=1,
+      num_heads=2,
+      feed_forward_proj='gated-gelu',
+      tie_word_embeddings=False,
+      decoder_start_token_id=0,
+  )
   torch.manual_seed(0)
   hf_dir = tmp_path / 'hf'
   transformers.T5ForConditionalGeneration(cfg).save_pretrained(hf_dir)
   model_dir = tmp_path / 'run'
-  assert _run(model_dir, '--gin.TRAIN_STEPS=1', '--gin.LEARNING_RATE=0.0', *NO_EVALUATION,
-              f"--gin.INITIAL_CHECKPOINT_PATH='{hf_dir}'") == 0
+  assert (
+      _run(
+          model_dir,
+          '--gin.TRAIN_STEPS=1',
+          '--gin.LEARNING_RATE=0.0',
+          *NO_EVALUATION,
+          f"--gin.INITIAL_CHECKPOINT_PATH='{hf_dir}'",
+      )
+      == 0
+  )
   # With a zero learning rate the saved parameters are exactly the HF weights.
   _, expected = hf_checkpoint.load_hf_checkpoint(str(hf_dir))
   jax.tree_util.tree_map(np.testing.assert_array_equal, _params(model_dir, 1), expected)
@@ -204,7 +258,7 @@ def test_initial_checkpoint_from_huggingface(tmp_path):
 def _params(model_dir, step, directory='checkpoints'):
   checkpointer = Checkpointer(str(model_dir / directory), async_save=False)
   try:
-    return jax.device_get(checkpointer._manager.restore(step)['state']['params'])
+    return checkpointer.restore_params(None, step)
   finally:
     checkpointer.close()
 
@@ -214,24 +268,51 @@ def test_initial_checkpoint_from_a_dsbs_run_with_another_optimizer(tmp_path):
   assert _run(first, '--gin.TRAIN_STEPS=3', *NO_EVALUATION) == 0
   second = tmp_path / 'second'
   # Only the params are read: the second run's Adafactor state has another structure.
-  assert _run(second, '--gin.TRAIN_STEPS=1', '--gin.LEARNING_RATE=0.0', *NO_EVALUATION,
-              "--gin.optimizers.create_optimizer.name='adafactor'",
-              f"--gin.INITIAL_CHECKPOINT_PATH='{first}'") == 0
+  assert (
+      _run(
+          second,
+          '--gin.TRAIN_STEPS=1',
+          '--gin.LEARNING_RATE=0.0',
+          *NO_EVALUATION,
+          "--gin.optimizers.create_optimizer.name='adafactor'",
+          f"--gin.INITIAL_CHECKPOINT_PATH='{first}'",
+      )
+      == 0
+  )
   jax.tree_util.tree_map(np.testing.assert_array_equal, _params(first, 3), _params(second, 1))
 
 
 def test_memory_plan_for_a_mesh_without_its_devices(capsys):
   # 16 devices on the model axis: more than this process has (8).
-  assert cli('--gin_file=train.gin', '--gin_file=models/t5_1_1/xxl.gin',
-             '--gin_file=tasks/svamp.gin', '--gin.VOCAB_SIZE=32128', "--gin.PARTITIONING='fsdp'",
-             '--gin.NUM_PARTITIONS=16', '--gin.BATCH_SIZE=128', '--plan=16x16') == 0
+  assert (
+      cli(
+          '--gin_file=train.gin',
+          '--gin_file=models/t5_1_1/xxl.gin',
+          '--gin_file=tasks/svamp.gin',
+          '--gin.VOCAB_SIZE=32128',
+          "--gin.PARTITIONING='fsdp'",
+          '--gin.NUM_PARTITIONS=16',
+          '--gin.BATCH_SIZE=128',
+          '--plan=16x16',
+      )
+      == 0
+  )
   out = capsys.readouterr().out
   assert "mesh {'data': 16, 'model': 16} (256 devices)" in out
-  line = next(l for l in out.splitlines() if l.startswith('decoder/layers_0/mlp/wi_0/kernel'))
+  lines = out.splitlines()
+  line = next(row for row in lines if row.startswith('decoder/layers_0/mlp/wi_0/kernel'))
   assert "('data', 'model')" in line and line.split()[-1] == f'{4096 * 10240 * 4 / 256 / 2**20:.2f}'
-  total = next(l for l in out.splitlines() if l.startswith('per device:'))
+  total = next(row for row in lines if row.startswith('per device:'))
   # 11B float32 parameters over 256 devices: ~0.16 GiB each; Adam moments twice that.
   assert 'params 0.16 GiB' in total and 'optimizer state 0.32 GiB' in total
-  assert cli('--gin_file=train.gin', '--gin_file=models/t5_1_1/tiny.gin',
-             '--gin_file=tasks/svamp.gin', '--gin.NUM_PARTITIONS=8', '--plan=32x4') == 2
+  assert (
+      cli(
+          '--gin_file=train.gin',
+          '--gin_file=models/t5_1_1/tiny.gin',
+          '--gin_file=tasks/svamp.gin',
+          '--gin.NUM_PARTITIONS=8',
+          '--plan=32x4',
+      )
+      == 2
+  )
   assert 'NUM_PARTITIONS = 8' in capsys.readouterr().err

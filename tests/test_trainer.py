@@ -15,9 +15,11 @@ SHAPES = {'encoder_input_tokens': (8, 16), 'decoder_input_tokens': (8, 12)}
 
 
 def _trainer(config=CONFIG, optimizer='adamw', num_partitions=1):
-  return trainer.Trainer(tiny_student(config),
-                         optimizers.create_optimizer(optimizer, learning_rate=1e-2),
-                         partitioning.Partitioner(num_partitions))
+  return trainer.Trainer(
+      tiny_student(config),
+      optimizers.create_optimizer(optimizer, learning_rate=1e-2),
+      partitioning.Partitioner(num_partitions),
+  )
 
 
 @pytest.mark.parametrize('optimizer', ['adamw', 'adafactor'])
@@ -34,7 +36,9 @@ def test_train_step_on_a_data_by_model_mesh(optimizer):
     losses.append(float(metrics['loss']))
   assert int(state.step) == 5
   assert losses[-1] < losses[0]
-  assert np.isfinite(float(metrics['grad_norm'])) and float(metrics['learning_rate']) == pytest.approx(1e-2)
+  assert np.isfinite(float(metrics['grad_norm'])) and float(
+      metrics['learning_rate']
+  ) == pytest.approx(1e-2)
 
 
 def test_bfloat16_activations_track_float32():
@@ -55,10 +59,17 @@ def test_blocked_attention_and_remat_give_the_same_loss_and_gradients(changes):
   config = dataclasses.replace(CONFIG, dropout_rate=0.0)
   base = _trainer(config)
   params = base.create_state(SHAPES).params
-  grad = lambda t: jax.value_and_grad(lambda p: t.model.loss_fn(p, batch, None)[0])(params)
-  (loss, grads), (loss_b, grads_b) = grad(base), grad(_trainer(dataclasses.replace(config, **changes)))
+
+  def grad(t):
+    return jax.value_and_grad(lambda p: t.model.loss_fn(p, batch, None)[0])(params)
+
+  (loss, grads), (loss_b, grads_b) = grad(base), grad(
+      _trainer(dataclasses.replace(config, **changes))
+  )
   assert float(loss_b) == pytest.approx(float(loss), rel=1e-6)
-  for g, g_b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_b)):
+  for g, g_b in zip(
+      jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_b), strict=True
+  ):
     np.testing.assert_allclose(g_b, g, rtol=1e-4, atol=1e-6)
 
 
@@ -67,13 +78,16 @@ def test_remat_keeps_only_each_layers_input():
   not grow by a whole layer's activations per layer (per-layer `nn.remat` did,
   because XLA CPU hoists the recomputation)."""
   shapes = {'encoder_input_tokens': (8, 256), 'decoder_input_tokens': (8, 128)}
-  batch = {'encoder_input_tokens': np.ones(shapes['encoder_input_tokens'], np.int32),
-           'decoder_input_tokens': np.ones(shapes['decoder_input_tokens'], np.int32),
-           'decoder_target_tokens': np.ones(shapes['decoder_input_tokens'], np.int32)}
+  batch = {
+      'encoder_input_tokens': np.ones(shapes['encoder_input_tokens'], np.int32),
+      'decoder_input_tokens': np.ones(shapes['decoder_input_tokens'], np.int32),
+      'decoder_target_tokens': np.ones(shapes['decoder_input_tokens'], np.int32),
+  }
 
   def temp_bytes(layers, remat):
-    config = dataclasses.replace(CONFIG, num_encoder_layers=layers, num_decoder_layers=layers,
-                                 remat=remat, dropout_rate=0.0)
+    config = dataclasses.replace(
+        CONFIG, num_encoder_layers=layers, num_decoder_layers=layers, remat=remat, dropout_rate=0.0
+    )
     t = _trainer(config)
     params = t.abstract_state(shapes).params
     grad = jax.jit(jax.grad(lambda p, b: t.model.loss_fn(p, b, None)[0]))
@@ -99,11 +113,14 @@ def test_dropout_depends_on_step_rng_only(remat):
   assert dropped == float(t.model.loss_fn(params, _batch(), rng)[0])
 
 
-@pytest.mark.parametrize('name,kwargs,message', [
-    ('sgd', {}, 'unknown optimizer'),
-    ('adamw', {'schedule_name': 'cosine'}, 'unknown learning-rate schedule'),
-    ('adamw', {'schedule_name': 'linear'}, 'needs total_steps'),
-])
+@pytest.mark.parametrize(
+    'name,kwargs,message',
+    [
+        ('sgd', {}, 'unknown optimizer'),
+        ('adamw', {'schedule_name': 'cosine'}, 'unknown learning-rate schedule'),
+        ('adamw', {'schedule_name': 'linear'}, 'needs total_steps'),
+    ],
+)
 def test_optimizer_errors(name, kwargs, message):
   with pytest.raises(ValueError, match=message):
     optimizers.create_optimizer(name, **kwargs)
@@ -111,6 +128,6 @@ def test_optimizer_errors(name, kwargs, message):
 
 def test_schedules():
   linear = optimizers.schedule('linear', 1.0, warmup_steps=10, total_steps=110)
-  assert [float(linear(s)) for s in (0, 5, 10, 60, 110)] == pytest.approx([0, .5, 1, .5, 0])
+  assert [float(linear(s)) for s in (0, 5, 10, 60, 110)] == pytest.approx([0, 0.5, 1, 0.5, 0])
   rsqrt = optimizers.schedule('rsqrt', 1.0, warmup_steps=100)
   assert float(rsqrt(10)) == pytest.approx(0.1) and float(rsqrt(400)) == pytest.approx(0.05)

@@ -22,7 +22,8 @@ import functools
 import json
 import logging
 import os
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional
 
 import seqio
 
@@ -40,28 +41,36 @@ def _field(row: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
   if key not in row:
     raise DataError(f'{where}: missing field {key!r} (fields: {sorted(row)})')
   if not isinstance(row[key], kind):
-    raise DataError(f'{where}: field {key!r} should be {kind.__name__}, '
-                    f'got {type(row[key]).__name__} {row[key]!r:.80}')
+    raise DataError(
+        f'{where}: field {key!r} should be {kind.__name__}, '
+        f'got {type(row[key]).__name__} {row[key]!r:.80}'
+    )
   return row[key]
 
 
 def _nli(row: Mapping[str, Any], where: str) -> tuple[str, str]:
   label = _field(row, 'label', int, where)
   if label not in (0, 1, 2):
-    raise DataError(f'{where}: field \'label\' must be 0, 1 or 2 '
-                    f'({", ".join(NLI_LABELS)}); got {label}')
-  text = (_field(row, 'premise', str, where) + tasks.SEPARATOR
-          + _field(row, 'hypothesis', str, where))
+    raise DataError(
+        f"{where}: field 'label' must be 0, 1 or 2 ({', '.join(NLI_LABELS)}); got {label}"
+    )
+  text = (
+      _field(row, 'premise', str, where) + tasks.SEPARATOR + _field(row, 'hypothesis', str, where)
+  )
   return text, NLI_LABELS[label]
 
 
 def _cqa(row: Mapping[str, Any], where: str) -> tuple[str, str]:
   choices = _field(row, 'choices', list, where)
   if len(choices) != 5:
-    raise DataError(f'{where}: field \'choices\' must hold 5 answers; got {len(choices)}')
-  options = '\n'.join(f'({letter}) {choice}' for letter, choice in zip('abcde', choices))
-  return (f'{_field(row, "question", str, where)}\nAnswer Choices:\n{options}',
-          _field(row, 'answer', str, where))
+    raise DataError(f"{where}: field 'choices' must hold 5 answers; got {len(choices)}")
+  options = '\n'.join(
+      f'({letter}) {choice}' for letter, choice in zip('abcde', choices, strict=True)
+  )
+  return (
+      f'{_field(row, "question", str, where)}\nAnswer Choices:\n{options}',
+      _field(row, 'answer', str, where),
+  )
 
 
 def _svamp(row: Mapping[str, Any], where: str) -> tuple[str, str]:
@@ -84,8 +93,7 @@ BENCHMARKS: Mapping[str, Benchmark] = {
     'esnli': Benchmark('esnli', 5500, teacher.parse_esnli, _nli, True, metrics.accuracy),
     'anli1': Benchmark('anli1', 5000, teacher.parse_anli, _nli, True, metrics.accuracy),
     'cqa': Benchmark('cqa', 1000, teacher.parse_cqa, _cqa, False, metrics.accuracy),
-    'svamp': Benchmark('svamp', 500, teacher.parse_svamp, _svamp, False,
-                       metrics.equation_accuracy),
+    'svamp': Benchmark('svamp', 500, teacher.parse_svamp, _svamp, False, metrics.equation_accuracy),
 }
 
 
@@ -93,8 +101,10 @@ def resolve_root(root: Optional[str]) -> str:
   """`root`, else $DSBS_DATA_ROOT; a clear error when neither is set."""
   root = root or os.environ.get(DATA_ROOT_ENV)
   if not root:
-    raise ConfigError(f'No data root: set the gin macro DATA_ROOT or the environment variable '
-                      f'{DATA_ROOT_ENV} to the directory holding <name>/<name>_train.json.')
+    raise ConfigError(
+        f'No data root: set the gin macro DATA_ROOT or the environment variable '
+        f'{DATA_ROOT_ENV} to the directory holding <name>/<name>_train.json.'
+    )
   return root
 
 
@@ -118,12 +128,14 @@ def read_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:
 def read_teacher_outputs(directory: str, file_split: str, chunk_size: int) -> list[str]:
   """`<split>_CoT_0.json`, `_1`, ... concatenated; every chunk but the last is full."""
   outputs: list[str] = []
-  paths = []
+  paths: list[str] = []
   while storage.exists(path := os.path.join(directory, f'{file_split}_CoT_{len(paths)}.json')):
     paths.append(path)
   if not paths:
-    raise DataError(f'{os.path.join(directory, file_split + "_CoT_0.json")}: file not found '
-                    f'(the teacher outputs for this split)')
+    raise DataError(
+        f'{os.path.join(directory, file_split + "_CoT_0.json")}: file not found '
+        f'(the teacher outputs for this split)'
+    )
   for i, path in enumerate(paths):
     try:
       chunk = json.loads(storage.read_text(path))
@@ -132,14 +144,17 @@ def read_teacher_outputs(directory: str, file_split: str, chunk_size: int) -> li
     if not isinstance(chunk, list) or not all(isinstance(o, str) for o in chunk):
       raise DataError(f'{path}: expected a JSON list of strings (raw teacher completions)')
     if i < len(paths) - 1 and len(chunk) != chunk_size:
-      raise DataError(f'{path}: holds {len(chunk)} outputs, but every chunk before the last '
-                      f'must hold {chunk_size}; later chunks would misalign with the rows')
+      raise DataError(
+          f'{path}: holds {len(chunk)} outputs, but every chunk before the last '
+          f'must hold {chunk_size}; later chunks would misalign with the rows'
+      )
     outputs.extend(chunk)
   return outputs
 
 
-def load_split(benchmark: Benchmark, root: str, split: str
-               ) -> tuple[list[dict[str, str]], teacher.ParseReport]:
+def load_split(
+    benchmark: Benchmark, root: str, split: str
+) -> tuple[list[dict[str, str]], teacher.ParseReport]:
   """One released split as rows, with the report of parsing its teacher outputs."""
   file_split = _FILE_SPLITS[split]
   directory = os.path.join(root, benchmark.name)
@@ -147,14 +162,17 @@ def load_split(benchmark: Benchmark, root: str, split: str
   raw = read_jsonl(path)
   outputs = read_teacher_outputs(os.path.join(directory, 'llm'), file_split, benchmark.chunk_size)
   if len(outputs) != len(raw):
-    raise DataError(f'{path}: {len(raw)} rows but {len(outputs)} teacher outputs in '
-                    f'{directory}/llm/{file_split}_CoT_*.json; they must align one to one')
+    raise DataError(
+        f'{path}: {len(raw)} rows but {len(outputs)} teacher outputs in '
+        f'{directory}/llm/{file_split}_CoT_*.json; they must align one to one'
+    )
   parsed = [benchmark.parse(o) for o in outputs]
   rows = []
-  for (number, row), out in zip(raw, parsed):
+  for (number, row), out in zip(raw, parsed, strict=True):
     text, gold = benchmark.example(row, f'{path}:{number}')
-    rows.append({'input': text, 'label_gt': gold, 'label_llm': out.label,
-                 'rationale': out.rationale})
+    rows.append(
+        {'input': text, 'label_gt': gold, 'label_llm': out.label, 'rationale': out.rationale}
+    )
   return rows, teacher.report(f'{benchmark.name}/{file_split}', parsed)
 
 
@@ -165,20 +183,30 @@ def _released(name: str, root: str, split: str) -> list[dict[str, str]]:
   return rows
 
 
-def split_rows(name: str, split: str, *, root: Optional[str] = None,
-               train_fraction: float = 1.0, seed: int = 0) -> list[dict[str, str]]:
+def split_rows(
+    name: str, split: str, *, root: Optional[str] = None, train_fraction: float = 1.0, seed: int = 0
+) -> list[dict[str, str]]:
   """The rows of a split as the paper uses them (subsampled train, held-out validation)."""
   benchmark = BENCHMARKS[name]
   root = resolve_root(root)
-  selected = splits.select(functools.partial(_released, name, root), split,
-                           has_validation=benchmark.has_validation,
-                           train_fraction=train_fraction, seed=seed)
+  selected = splits.select(
+      functools.partial(_released, name, root),
+      split,
+      has_validation=benchmark.has_validation,
+      train_fraction=train_fraction,
+      seed=seed,
+  )
   return selected if split == 'train' else splits.gold_targets(selected)
 
 
-def register(name: str, *, root: Optional[str] = None, train_fraction: float = 1.0,
-             seed: int = 0, vocabulary: seqio.Vocabulary = seqio.ByteVocabulary()
-             ) -> tasks.StepByStepFamily:
+def register(
+    name: str,
+    *,
+    root: Optional[str] = None,
+    train_fraction: float = 1.0,
+    seed: int = 0,
+    vocabulary: Optional[seqio.Vocabulary] = None,
+) -> tasks.StepByStepFamily:
   """Registers `name`'s family (see `tasks`) for gold and teacher labels.
 
   Gin calls this (gin/tasks/<name>.gin) to pick the root, the train fraction
@@ -189,15 +217,19 @@ def register(name: str, *, root: Optional[str] = None, train_fraction: float = 1
   splits.check_fraction(train_fraction)
   load = functools.partial(split_rows, name, root=root, train_fraction=train_fraction, seed=seed)
   return tasks.register_step_by_step(
-      name, tasks.rows_source(load, tuple(_FILE_SPLITS)), vocabulary,
+      name,
+      tasks.rows_source(load, tuple(_FILE_SPLITS)),
+      vocabulary,
       label_fields={'gt': 'label_gt', 'llm': 'label_llm'},
       label_metric_fns=[BENCHMARKS[name].label_metric],
-      rationale_metric_fns=[metrics.rouge])
+      rationale_metric_fns=[metrics.rouge],
+  )
 
 
 def main(argv: Sequence[str]) -> None:
   """Prints, per available split, the parse report and the teacher's label accuracy."""
   import argparse
+
   parser = argparse.ArgumentParser(description=main.__doc__)
   parser.add_argument('--data_root', default=None)
   parser.add_argument('--datasets', nargs='*', default=sorted(BENCHMARKS))
@@ -209,12 +241,22 @@ def main(argv: Sequence[str]) -> None:
       if not storage.exists(os.path.join(root, name, f'{name}_{file_split}.json')):
         continue
       examples, report = load_split(benchmark, root, split)
-      score = benchmark.label_metric([r['label_gt'] for r in examples],
-                                     [r['label_llm'] for r in examples])
-      print(json.dumps({'split': report.source, 'rows': report.total,
-                        'unparsed': report.unparsed, 'teacher_label': score}))
+      score = benchmark.label_metric(
+          [r['label_gt'] for r in examples], [r['label_llm'] for r in examples]
+      )
+      print(
+          json.dumps(
+              {
+                  'split': report.source,
+                  'rows': report.total,
+                  'unparsed': report.unparsed,
+                  'teacher_label': score,
+              }
+          )
+      )
 
 
 if __name__ == '__main__':
   import sys
+
   main(sys.argv[1:])

@@ -8,7 +8,8 @@ Nothing is registered at import. Gin files register the one a run uses
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from dsbs_jax.data import benchmarks, demo, tasks
 

@@ -10,6 +10,8 @@ generator is deterministic, and the splits never share an input.
 from __future__ import annotations
 
 import random
+from typing import Optional
+
 import seqio
 
 from dsbs_jax.data import metrics, tasks
@@ -19,21 +21,48 @@ SPLIT_SIZES = {'test': 500, 'validation': 500, 'train': 10000}
 _SPLIT_ORDER = ('test', 'validation', 'train')
 _OPS_WEIGHTS = (0.5, 0.3, 0.2)  # problems with one, two, three operations
 
-_PEOPLE = [('Tom', 'he', 'him'), ('Anna', 'she', 'her'), ('Luke', 'he', 'him'),
-           ('Maria', 'she', 'her'), ('Sam', 'he', 'him'), ('Julia', 'she', 'her'),
-           ('Omar', 'he', 'him'), ('Priya', 'she', 'her'), ('Ken', 'he', 'him'),
-           ('Lena', 'she', 'her'), ('Ravi', 'he', 'him'), ('Zoe', 'she', 'her')]
-_ITEMS = ['apples', 'marbles', 'stickers', 'books', 'pencils', 'cookies', 'shells', 'cards',
-          'coins', 'stamps', 'balloons', 'candies']
+_PEOPLE = [
+    ('Tom', 'he', 'him'),
+    ('Anna', 'she', 'her'),
+    ('Luke', 'he', 'him'),
+    ('Maria', 'she', 'her'),
+    ('Sam', 'he', 'him'),
+    ('Julia', 'she', 'her'),
+    ('Omar', 'he', 'him'),
+    ('Priya', 'she', 'her'),
+    ('Ken', 'he', 'him'),
+    ('Lena', 'she', 'her'),
+    ('Ravi', 'he', 'him'),
+    ('Zoe', 'she', 'her'),
+]
+_ITEMS = [
+    'apples',
+    'marbles',
+    'stickers',
+    'books',
+    'pencils',
+    'cookies',
+    'shells',
+    'cards',
+    'coins',
+    'stamps',
+    'balloons',
+    'candies',
+]
 _START = ['{name} has {a} {item}.', '{name} had {a} {item}.', "{name}'s bag holds {a} {item}."]
 _START_PRODUCT = ['{name} has {a} boxes of {b} {item}.', '{name} buys {a} packs of {b} {item}.']
 _ADD = ['{Subj} buys {n} more.', '{Subj} finds {n} more.', 'A friend gives {obj} {n}.']
 _SUB = ['{Subj} gives away {n}.', '{Subj} loses {n}.', '{Subj} eats {n}.']
 _MUL = ['Then {subj} has {n} times as many.', '{Subj} trades each for {n} new ones.']
-_DIV = [('{Subj} shares them among {n} friends.', 'How many does each friend get?'),
-        ('{Subj} makes {n} equal piles.', 'How many are in each pile?')]
-_DISTRACT = ['{Subj} also has {m} {other}.', '{Subj} is {m} years old.',
-             'The shop is {m} miles away.']
+_DIV = [
+    ('{Subj} shares them among {n} friends.', 'How many does each friend get?'),
+    ('{Subj} makes {n} equal piles.', 'How many are in each pile?'),
+]
+_DISTRACT = [
+    '{Subj} also has {m} {other}.',
+    '{Subj} is {m} years old.',
+    'The shop is {m} miles away.',
+]
 _QUESTION = ['How many {item} does {subj} have now?', 'How many {item} are there now?']
 
 
@@ -45,7 +74,14 @@ def make_example(rng: random.Random) -> dict[str, str]:
   """One problem: {'input', 'label', 'rationale'}."""
   name, subj, obj = rng.choice(_PEOPLE)
   item, other = rng.sample(_ITEMS, 2)
-  kw = dict(name=name, subj=subj, Subj=subj.capitalize(), obj=obj, item=item, other=other)
+  kw = {
+      'name': name,
+      'subj': subj,
+      'Subj': subj.capitalize(),
+      'obj': obj,
+      'item': item,
+      'other': other,
+  }
   n_ops = rng.choices((1, 2, 3), weights=_OPS_WEIGHTS)[0]
   sentences, steps = [], []
   if rng.random() < 0.3:
@@ -82,8 +118,8 @@ def make_example(rng: random.Random) -> dict[str, str]:
       template, result = _MUL, value * n
     else:
       n = rng.choice(divisors)
-      template, question = rng.choice(_DIV)
-      template, result = [template], value // n
+      sentence, question = rng.choice(_DIV)
+      template, result = [sentence], value // n
     sentences.append(_fmt(rng.choice(template), n=n, **kw))
     steps.append(f'{value} {op} {n} = {result}.')
     eq, short = f'( {eq} {op} {n}.0 )', f'({short} {op} {n})'
@@ -92,8 +128,11 @@ def make_example(rng: random.Random) -> dict[str, str]:
     pos = rng.randint(1, len(sentences))
     sentences.insert(pos, _fmt(rng.choice(_DISTRACT), m=rng.randint(2, 50), **kw))
   rationale = ' '.join(steps) + f' The answer is {short}.'
-  return {'input': ' '.join(sentences) + '\n' + _fmt(question, **kw), 'label': eq,
-          'rationale': rationale}
+  return {
+      'input': ' '.join(sentences) + '\n' + _fmt(question, **kw),
+      'label': eq,
+      'rationale': rationale,
+  }
 
 
 def generate(seed: int = 0) -> dict[str, list[dict[str, str]]]:
@@ -102,7 +141,7 @@ def generate(seed: int = 0) -> dict[str, list[dict[str, str]]]:
   seen: set[str] = set()
   splits: dict[str, list[dict[str, str]]] = {}
   for split in _SPLIT_ORDER:
-    rows = []
+    rows: list[dict[str, str]] = []
     while len(rows) < SPLIT_SIZES[split]:
       ex = make_example(rng)
       if ex['input'] not in seen:
@@ -115,11 +154,16 @@ def generate(seed: int = 0) -> dict[str, list[dict[str, str]]]:
 _SPLITS = generate()
 
 
-def register(vocabulary: seqio.Vocabulary = seqio.ByteVocabulary(),
-             name: str = NAME) -> tasks.StepByStepFamily:
+def register(
+    vocabulary: Optional[seqio.Vocabulary] = None, name: str = NAME
+) -> tasks.StepByStepFamily:
   """Registers `{name}_gt_label`, `{name}_rationale`, `{name}_gt_step_by_step`, `{name}_gt_standard`."""
   source = tasks.rows_source(_SPLITS.__getitem__, tuple(SPLIT_SIZES), dict(SPLIT_SIZES))
   return tasks.register_step_by_step(
-      name, source, vocabulary, label_fields={'gt': 'label'},
+      name,
+      source,
+      vocabulary,
+      label_fields={'gt': 'label'},
       label_metric_fns=[metrics.equation_accuracy],
-      rationale_metric_fns=[metrics.rouge])
+      rationale_metric_fns=[metrics.rouge],
+  )

@@ -10,7 +10,8 @@ a `task_id` (e.g. a user's plain SeqIO task) count as label examples.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
+from typing import ClassVar
 
 import seqio
 import tensorflow as tf
@@ -24,20 +25,22 @@ _TOKEN_TASK_IDS = 'targets_task_ids'
 class StepByStepFeatureConverter(seqio.EncDecFeatureConverter):
   """EncDecFeatureConverter plus the per-token `decoder_task_ids` feature."""
 
-  MODEL_FEATURES = {
+  MODEL_FEATURES: ClassVar[dict[str, seqio.FeatureConverter.FeatureSpec]] = {
       **seqio.EncDecFeatureConverter.MODEL_FEATURES,
       'decoder_task_ids': seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
   }
 
-  def __call__(self, ds: tf.data.Dataset,
-               task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+  def __call__(
+      self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
+  ) -> tf.data.Dataset:
     # seqio.Evaluator measures every output feature, `task_id` included; its
     # length is not a packing length, so it is dropped before validation.
     lengths = {k: v for k, v in task_feature_lengths.items() if k != TASK_ID}
     return super().__call__(ds, lengths)
 
-  def _convert_features(self, ds: tf.data.Dataset,
-                        task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+  def _convert_features(
+      self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
+  ) -> tf.data.Dataset:
     def add_token_task_ids(ex):
       ex = dict(ex)
       task = ex.pop(TASK_ID)[0] if TASK_ID in ex else tf.constant(losses.LABEL_TASK, tf.int32)

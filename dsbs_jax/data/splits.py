@@ -11,14 +11,14 @@ split is never touched, and never used for model selection.
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 import numpy as np
 
 from dsbs_jax.errors import ConfigError
 
 T = TypeVar('T')
-TRAIN_FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)  # the paper's data-efficiency axis
 VALIDATION_FRACTION = 0.1
 VALIDATION_SEED = 0
 
@@ -57,8 +57,14 @@ def hold_out_validation(rows: Sequence[T]) -> tuple[list[T], list[T]]:
   return _take(rows, train), _take(rows, valid)
 
 
-def select(load: Callable[[str], Sequence[T]], split: str, *, has_validation: bool,
-           train_fraction: float, seed: int) -> list[T]:
+def select(
+    load: Callable[[str], Sequence[T]],
+    split: str,
+    *,
+    has_validation: bool,
+    train_fraction: float,
+    seed: int,
+) -> list[T]:
   """The rows of `split` as the paper uses them, from `load(split)` of the released splits.
 
   Train is subsampled; without a released validation split, validation is
@@ -79,5 +85,4 @@ def gold_targets(rows: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
 
   Training targets may come from the teacher; models are always scored on gold.
   """
-  return [{**row, 'label_llm': row['label_gt']} if 'label_gt' in row else dict(row)
-          for row in rows]
+  return [{**row, 'label_llm': row['label_gt']} if 'label_gt' in row else dict(row) for row in rows]

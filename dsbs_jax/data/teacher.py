@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
-from typing import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,11 +73,6 @@ def parse_esnli(output: str) -> TeacherOutput:
   return TeacherOutput(rationale, label, bool(label.strip()))
 
 
-PARSERS: Mapping[str, Callable[[str], TeacherOutput]] = {
-    'cqa': parse_cqa, 'svamp': parse_svamp, 'anli': parse_anli, 'esnli': parse_esnli,
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class ParseReport:
   """What parsing one split produced: how many outputs, how many unparseable."""
@@ -89,12 +84,18 @@ class ParseReport:
 
   def summary(self) -> str:
     common = ', '.join(f'{k!r}: {v}' for k, v in collections.Counter(self.labels).most_common(4))
-    return (f'{self.source}: parsed {self.total - self.unparsed}/{self.total} teacher outputs, '
-            f'{self.unparsed} unparseable (kept with a blank label, as the authors do); '
-            f'most common labels {{{common}}}')
+    return (
+        f'{self.source}: parsed {self.total - self.unparsed}/{self.total} teacher outputs, '
+        f'{self.unparsed} unparseable (kept with a blank label, as the authors do); '
+        f'most common labels {{{common}}}'
+    )
 
 
 def report(source: str, outputs: Iterable[TeacherOutput]) -> ParseReport:
   outputs = list(outputs)
-  return ParseReport(source, len(outputs), sum(not o.parsed for o in outputs),
-                     dict(collections.Counter(o.label for o in outputs)))
+  return ParseReport(
+      source,
+      len(outputs),
+      sum(not o.parsed for o in outputs),
+      dict(collections.Counter(o.label for o in outputs)),
+  )

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import io
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
-import seqio
 import sentencepiece as spm
+import seqio
 from google.protobuf import message
 
 from dsbs_jax import storage
 from dsbs_jax.errors import ConfigError, DataError
-
-T5_SENTENCEPIECE = 'gs://t5-data/vocabs/cc_all.32000/sentencepiece.model'
 
 
 def sentencepiece(path: str, extra_ids: int = 100) -> seqio.SentencePieceVocabulary:
@@ -39,10 +37,11 @@ def sentencepiece(path: str, extra_ids: int = 100) -> seqio.SentencePieceVocabul
     raise ConfigError(f'SENTENCEPIECE_MODEL {path!r} cannot be read: {e}') from None
   vocabulary = seqio.SentencePieceVocabulary(local, extra_ids=extra_ids)
   try:
-    vocabulary.vocab_size  # parses the model
+    _ = vocabulary.vocab_size  # parses the model
   except (message.DecodeError, RuntimeError, OSError) as e:
-    raise ConfigError(f'SENTENCEPIECE_MODEL {path!r} is not a SentencePiece model: '
-                      f'{str(e).splitlines()[0]}') from None
+    raise ConfigError(
+        f'SENTENCEPIECE_MODEL {path!r} is not a SentencePiece model: {str(e).splitlines()[0]}'
+    ) from None
   return vocabulary
 
 
@@ -61,14 +60,21 @@ def task_texts(mixture_or_task_name: str, split: str = 'train') -> Iterator[str]
           yield value.decode('utf-8')
 
 
-def train_sentencepiece(texts: Iterator[str], output_prefix: str, vocab_size: int = 8000
-                        ) -> str:
+def train_sentencepiece(texts: Iterator[str], output_prefix: str, vocab_size: int = 8000) -> str:
   """Trains a unigram model with T5's special ids (pad 0, eos 1, unk 2); returns its path."""
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
-      sentence_iterator=(t.replace('\n', ' ') for t in texts), model_writer=model,
-      vocab_size=vocab_size, model_type='unigram', character_coverage=1.0,
-      pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False)
+      sentence_iterator=(t.replace('\n', ' ') for t in texts),
+      model_writer=model,
+      vocab_size=vocab_size,
+      model_type='unigram',
+      character_coverage=1.0,
+      pad_id=0,
+      eos_id=1,
+      unk_id=2,
+      bos_id=-1,
+      hard_vocab_limit=False,
+  )
   path = output_prefix + '.model'
   storage.write_atomic(path, model.getvalue())
   return path
@@ -80,17 +86,24 @@ def main(argv: Sequence[str]) -> None:
   parser.add_argument('--task', required=True)
   parser.add_argument('--output', required=True, help='path prefix; writes <output>.model')
   parser.add_argument('--vocab_size', type=int, default=8000)
-  parser.add_argument('--data_root', default=None, help='the released datasets (default: '
-                      '$DSBS_DATA_ROOT), for the paper\'s tasks')
+  parser.add_argument(
+      '--data_root',
+      default=None,
+      help="the released datasets (default: $DSBS_DATA_ROOT), for the paper's tasks",
+  )
   args = parser.parse_args(argv)
   from dsbs_jax.data import catalog
+
   catalog.register_for(args.task, args.data_root)
   path = train_sentencepiece(task_texts(args.task), args.output, args.vocab_size)
   vocab = seqio.SentencePieceVocabulary(path)
-  print(f'wrote {path}: {vocab.vocab_size} ids; set VOCABULARY = '
-        f'@vocabularies.sentencepiece() and vocabularies.sentencepiece.path = {path!r}')
+  print(
+      f'wrote {path}: {vocab.vocab_size} ids; set VOCABULARY = '
+      f'@vocabularies.sentencepiece() and vocabularies.sentencepiece.path = {path!r}'
+  )
 
 
 if __name__ == '__main__':
   import sys
+
   main(sys.argv[1:])

@@ -1,0 +1,18 @@
+"""What vulture cannot see used: gin binds these from gin/*.gin, and flax, SeqIO and T5X
+call the hooks by name. `.ci/run` passes this file to vulture beside dsbs_jax/."""
+
+from dsbs_jax import gin_utils, models, network, optimizers, partitioning, t5x_bridge
+from dsbs_jax.data import feature_converters, tasks
+
+optimizers.create_optimizer  # gin/train.gin
+partitioning.preset_rules  # gin/train.gin
+tasks.deployed_task  # gin/t5x_bridge.gin
+t5x_bridge.StepByStepT5XModel  # gin/t5x_bridge.gin
+t5x_bridge.StepByStepTrainer  # gin/t5x/finetune.gin
+t5x_bridge.StepByStepTrainer._partitioned_train_step  # T5X's trainer calls it
+t5x_bridge.TokenAverage.compute  # CLU metrics
+network.Embed.setup  # flax
+network.Transformer.setup  # flax
+feature_converters.StepByStepFeatureConverter._convert_features  # SeqIO
+gin_utils._Syntax.configurable_reference  # gin's parser delegate
+models.StepByStepModel.score_batch  # T5X's scoring (t5x.infer mode 'score')
