@@ -167,8 +167,8 @@ class Trainer:
     grads, metrics = self._grads(state.params, batch, dropout_rng)
     updates, opt_state = self.optimizer.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics['grad_norm'] = optax.global_norm(grads)
-    metrics['param_norm'] = optax.global_norm(params)
+    metrics['grad_norm'] = optax.tree.norm(grads)
+    metrics['param_norm'] = optax.tree.norm(params)
     metrics['learning_rate'] = jnp.asarray(self.optimizer.learning_rate_fn(state.step), jnp.float32)
     new_state = dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
