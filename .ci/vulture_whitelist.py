@@ -1,7 +1,7 @@
 """What vulture cannot see used: gin binds these from gin/*.gin, and flax, SeqIO and T5X
 call the hooks by name. `.ci/run` passes this file to vulture beside dsbs_jax/."""
 
-from dsbs_jax import gin_utils, models, network, optimizers, partitioning, t5x_bridge
+from dsbs_jax import cli, gin_utils, models, network, optimizers, partitioning, t5x_bridge
 from dsbs_jax.data import feature_converters, tasks
 
 optimizers.create_optimizer  # gin/train.gin
@@ -16,3 +16,5 @@ network.Transformer.setup  # flax
 feature_converters.StepByStepFeatureConverter._convert_features  # SeqIO
 gin_utils._Syntax.configurable_reference  # gin's parser delegate
 models.StepByStepModel.score_batch  # T5X's scoring (t5x.infer mode 'score')
+cli.experiment_console_main  # pyproject.toml: dsbs-experiment
+tasks.RowsSource.performs_internal_shuffling  # SeqIO

@@ -18,6 +18,7 @@ import seqio
 from jax.experimental import multihost_utils
 
 from dsbs_jax import losses, monitoring
+from dsbs_jax.data.input_pipeline import numpy_iterator
 from dsbs_jax.decoding import INPUT_LENGTH_MULTIPLE, trim_inputs
 from dsbs_jax.errors import ConfigError
 from dsbs_jax.models import StepByStepModel
@@ -121,7 +122,7 @@ class Evaluator:
     def predict_fn(ds, model_feature_shapes=None):
       del model_feature_shapes
       results: list[tuple[int, list[int]]] = []
-      for indices, batch in ds.batch(self.batch_size).as_numpy_iterator():
+      for indices, batch in numpy_iterator(ds.batch(self.batch_size)):
         n = len(indices)
         padded = trim_inputs(pad_rows(batch, self.batch_size), self.input_length_multiple)
         with self.partitioner.activate():
@@ -190,7 +191,7 @@ class LossEvaluator:
     names = [losses.TASK_NAMES[k] for k in range(1, self.num_tasks + 1)]
     sums = {f'{n}/{m}': 0.0 for n in names for m in ('loss', 'accuracy')}
     tokens = dict.fromkeys(names, 0.0)
-    for batch in self._dataset.batch(self.batch_size).as_numpy_iterator():
+    for batch in numpy_iterator(self._dataset.batch(self.batch_size)):
       padded = pad_rows(batch, self.batch_size)
       with self.partitioner.activate():
         metrics = jax.device_get(self._loss(params, self.partitioner.shard_global_batch(padded)))

@@ -69,12 +69,14 @@ def _open_url(path: str) -> io.StringIO:
 
 
 def parse(files: Sequence[str], bindings: Sequence[str], user_search_paths: Sequence[str]) -> None:
-  """Parses gin files and bindings as `t5x.train` does, without finalizing.
+  """Parses gin files and bindings (onto an empty config) as `t5x.train` does, without
+  finalizing.
 
   A literal `MIXTURE_OR_TASK_NAME` becomes the `name` that `tasks.select` checks
   against DATASET, TASK_VARIANT and LABEL_SOURCE, so the data settings always
   take effect.
   """
+  gin.clear_config()
   gin.config.register_file_reader(_open_url, lambda p: storage.is_url(p) and storage.exists(p))
   for path in search_paths(user_search_paths):
     gin.add_config_file_search_path(path)

@@ -198,8 +198,10 @@ def seqio_loggers() -> tuple[type, type]:
       if not inferences or targets is None or dataset is None:
         return
       kinds = [k for k in inferences if k != 'aux_value']
+      from dsbs_jax.data.input_pipeline import numpy_iterator  # TensorFlow: only here
+
       rows = []
-      for i, (example, target) in enumerate(zip(dataset.as_numpy_iterator(), targets, strict=True)):
+      for i, (example, target) in enumerate(zip(numpy_iterator(dataset), targets, strict=True)):
         row = {
             'input': _jsonable({k: v for k, v in example.items() if k.endswith('_pretokenized')}),
             'target': _jsonable(target),

@@ -272,11 +272,6 @@ def train(
   check_objective(dataset.mixture_or_task_name, model.task_weights)
   if train_steps < 1:
     raise ConfigError(f'TRAIN_STEPS must be >= 1; got {train_steps}')
-  if dataset.batch_size % partitioner.data_size:
-    raise ConfigError(
-        f'BATCH_SIZE={dataset.batch_size} must be divisible by the data axis '
-        f'({partitioner.data_size})'
-    )
   directory = storage.check_writable(model_dir, 'MODEL_DIR')
   log.info('%s; model %s', partitioner.describe(), model.module.config)
   metadata = {'model_config': config_to_dict(model.module.config)}
@@ -323,6 +318,7 @@ def train(
     log.info('SIGTERM: saved step %d to %s; exiting', step, checkpointer.directory)
     return {'step': step, 'preempted': True}
   results = _finish(evaluations, trainer, input_shapes, state, consumed, last_logged)
+  results['parameters'] = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
   if run_record is not None:
     results['run'] = run_record.summary()
   if jax.process_index() == 0:
@@ -348,8 +344,7 @@ def _restore_or_initialise(
     log.info('Initialised parameters from %s', config.initial_path)
   else:
     state = trainer.create_state(input_shapes)
-  n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-  log.info('%.2fM parameters', n_params / 1e6)
+  log.info('%.2fM parameters', sum(x.size for x in jax.tree_util.tree_leaves(state.params)) / 1e6)
   return state, 0
 
 
@@ -369,7 +364,12 @@ def _loop(
 ) -> tuple[TrainState, int, dict[str, float], bool]:
   """Steps until `train_steps` or SIGTERM; returns (state, batches consumed, the last
   logged metrics, whether SIGTERM stopped it)."""
-  batches = input_pipeline.batches(dataset, converter, skip=consumed)
+  batches = input_pipeline.batches(
+      dataset,
+      converter,
+      skip=consumed,
+      row_unit=trainer.partitioner.data_size * trainer.num_microbatches,
+  )
   train_step = trainer.compile_train_step(input_shapes)
   partitioner = trainer.partitioner
   step = int(state.step)

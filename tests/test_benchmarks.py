@@ -172,8 +172,11 @@ def test_seqio_tasks_read_the_configured_root(data_root, monkeypatch):
       'anli1_rationale',
       'anli1_gt_step_by_step',
       'anli1_llm_step_by_step',
+      'anli1_gt_step_by_step_mixture',
+      'anli1_llm_step_by_step_mixture',
       'anli1_gt_standard',
       'anli1_llm_standard',
+      'anli1_span_corruption',
   ]
   vocab = seqio.ByteVocabulary()
   ex = next(
@@ -201,7 +204,7 @@ def test_seqio_tasks_read_the_configured_root(data_root, monkeypatch):
       .as_numpy_iterator()
   )
   assert rationale['targets_pretokenized'].decode().startswith('The premise mentions that')
-  mixture = seqio.get_mixture_or_task('anli1_llm_step_by_step')
+  mixture = seqio.get_mixture_or_task('anli1_llm_step_by_step_mixture')
   assert sorted(t.name for t in mixture.tasks) == ['anli1_llm_label', 'anli1_rationale']
 
 
@@ -273,6 +276,7 @@ def test_mixtures_are_evaluated_on_their_label_task():
       'cqa_gt_label',
       'cqa_rationale',
   ]
+  assert tasks.evaluation_tasks('cqa_llm_step_by_step_mixture') == ['cqa_llm_label']
   assert tasks.evaluation_tasks('cqa_llm_standard') == ['cqa_llm_standard']
   assert tasks.deployed_task('cqa_gt_step_by_step') == 'cqa_gt_label'
   assert tasks.deployed_task('cqa_llm_standard') == 'cqa_llm_standard'

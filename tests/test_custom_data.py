@@ -58,7 +58,14 @@ def test_jsonl_and_csv_files_register_the_whole_family(tmp_path):
       },
       **COLUMNS,
   )
-  assert family.mixtures == {'gt': 'byo_files_gt_step_by_step', 'llm': 'byo_files_llm_step_by_step'}
+  assert family.paired_tasks == {
+      'gt': 'byo_files_gt_step_by_step',
+      'llm': 'byo_files_llm_step_by_step',
+  }
+  assert family.mixtures == {
+      'gt': 'byo_files_gt_step_by_step_mixture',
+      'llm': 'byo_files_llm_step_by_step_mixture',
+  }
   train = _examples('byo_files_llm_label', 'train')
   valid = _examples('byo_files_llm_label', 'validation')
   test = _examples('byo_files_llm_label', 'test')

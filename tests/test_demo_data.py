@@ -55,10 +55,27 @@ def test_registered_tasks_and_mixture():
       'demo_gt_label',
       'demo_rationale',
       'demo_gt_step_by_step',
+      'demo_gt_step_by_step_mixture',
       'demo_gt_standard',
+      'demo_span_corruption',
   ]
-  mixture = seqio.get_mixture_or_task('demo_gt_step_by_step')
+  mixture = seqio.get_mixture_or_task('demo_gt_step_by_step_mixture')
   assert sorted(t.name for t in mixture.tasks) == ['demo_gt_label', 'demo_rationale']
+  # The paired task gives each row's label example, then its rationale example.
+  paired = list(
+      seqio.get_mixture_or_task('demo_gt_step_by_step')
+      .get_dataset(LENGTHS, split='test', shuffle=False)
+      .take(4)
+      .as_numpy_iterator()
+  )
+  rows = demo.generate()['test']
+  assert [ex['inputs_pretokenized'].decode() for ex in paired] == [
+      'predict: ' + rows[0]['input'],
+      'explain: ' + rows[0]['input'],
+      'predict: ' + rows[1]['input'],
+      'explain: ' + rows[1]['input'],
+  ]
+  assert [ex['task_id'].tolist() for ex in paired] == [[1], [2], [1], [2]]
   vocab = seqio.ByteVocabulary()
   label = next(
       seqio.get_mixture_or_task('demo_gt_label')
@@ -82,7 +99,7 @@ def test_registered_tasks_and_mixture():
 def test_packed_mixture_keeps_each_tokens_task():
   demo.register()
   ds = seqio.get_dataset(
-      'demo_gt_step_by_step',
+      'demo_gt_step_by_step_mixture',
       LENGTHS,
       dataset_split='validation',
       shuffle=False,

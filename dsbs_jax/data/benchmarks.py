@@ -226,6 +226,16 @@ def register(
   )
 
 
+def teacher_accuracy(name: str, root: Optional[str] = None, split: str = 'test') -> float:
+  """The teacher's label metric on a released split (its parsed labels against gold):
+  the horizontal line of the paper's model-size figures."""
+  rows, _ = load_split(BENCHMARKS[name], resolve_root(root), split)
+  score = BENCHMARKS[name].label_metric(
+      [r['label_gt'] for r in rows], [r['label_llm'] for r in rows]
+  )
+  return next(iter(score.values()))
+
+
 def main(argv: Sequence[str]) -> None:
   """Prints, per available split, the parse report and the teacher's label accuracy."""
   import argparse

@@ -14,7 +14,7 @@ from typing import Optional
 
 import seqio
 
-from dsbs_jax.data import metrics, tasks
+from dsbs_jax.data import metrics, splits, tasks
 
 NAME = 'demo'
 SPLIT_SIZES = {'test': 500, 'validation': 500, 'train': 10000}
@@ -139,7 +139,7 @@ def generate(seed: int = 0) -> dict[str, list[dict[str, str]]]:
   """All splits, deterministic in `seed`, with no input shared between splits."""
   rng = random.Random(seed)
   seen: set[str] = set()
-  splits: dict[str, list[dict[str, str]]] = {}
+  by_split: dict[str, list[dict[str, str]]] = {}
   for split in _SPLIT_ORDER:
     rows: list[dict[str, str]] = []
     while len(rows) < SPLIT_SIZES[split]:
@@ -147,18 +147,29 @@ def generate(seed: int = 0) -> dict[str, list[dict[str, str]]]:
       if ex['input'] not in seen:
         seen.add(ex['input'])
         rows.append(ex)
-    splits[split] = rows
-  return splits
+    by_split[split] = rows
+  return by_split
 
 
 _SPLITS = generate()
 
 
 def register(
-    vocabulary: Optional[seqio.Vocabulary] = None, name: str = NAME
+    vocabulary: Optional[seqio.Vocabulary] = None,
+    name: str = NAME,
+    train_fraction: float = 1.0,
+    seed: int = 0,
 ) -> tasks.StepByStepFamily:
-  """Registers `{name}_gt_label`, `{name}_rationale`, `{name}_gt_step_by_step`, `{name}_gt_standard`."""
-  source = tasks.rows_source(_SPLITS.__getitem__, tuple(SPLIT_SIZES), dict(SPLIT_SIZES))
+  """Registers `{name}`'s family (`tasks`) over the generated problems; `train_fraction`
+  of the training rows, subsampled with `seed` as the paper's datasets are."""
+  splits.check_fraction(train_fraction)
+
+  def load(split: str) -> list[dict[str, str]]:
+    rows = _SPLITS[split]
+    return splits.subsample_train(rows, train_fraction, seed) if split == 'train' else rows
+
+  sizes = {**SPLIT_SIZES, 'train': len(load('train'))}
+  source = tasks.rows_source(load, tuple(SPLIT_SIZES), sizes)
   return tasks.register_step_by_step(
       name,
       source,

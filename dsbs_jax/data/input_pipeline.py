@@ -2,19 +2,44 @@
 
 `DatasetConfig` (after T5X's `utils.DatasetConfig`) says what to read; `batches`
 turns it into the infinite, deterministic stream the train loop consumes.
+
+A batch holds `batch_size` *examples* (source rows), for every method. A paired
+step-by-step task gives two sequences per example (its predict: and its
+explain: sequence, `tasks.paired_examples`), any other task one; so a standard
+run and a step-by-step run with the same batch size and seed see the same
+label examples, in the same order, step by step, as in the authors' trainer.
+
+Each step's sequences are packed together (SeqIO's packing, within the step
+alone) into as many rows as they need, rounded up to a bucket of rows and
+padded with empty ones:
+
+    step with 2 examples, paired (4 sequences), rows of 8 input tokens
+    inputs   predict: a  explain: a | predict: b  explain: b | (empty row) ...
+    targets  label a     rationale a | label b    rationale b |
+
+Only a few row counts occur, so only a few shapes compile; the loss, a mean per
+task over its tokens, does not depend on how the sequences were packed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import numpy as np
 import seqio
+import tensorflow as tf
+from jax.experimental import multihost_utils
 
+from dsbs_jax.data import tasks
+from dsbs_jax.data.feature_converters import TASK_ID
 from dsbs_jax.errors import ConfigError
+
+# Rows per step are rounded up to a multiple of this many (times the data-parallel
+# unit), so that a run compiles a handful of step shapes, not one per row count.
+ROW_BUCKET = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,9 +47,10 @@ class DatasetConfig:
   """What a run trains on.
 
   mixture_or_task_name: a registered SeqIO task or mixture (gin: MIXTURE_OR_TASK_NAME).
-  task_feature_lengths: {'inputs': n, 'targets': m} (gin: TASK_FEATURE_LENGTHS).
-  batch_size: rows per global batch, over all processes (gin: BATCH_SIZE).
-  pack: pack several examples into each row (SeqIO's packing).
+  task_feature_lengths: {'inputs': n, 'targets': m}, the length of a row (gin:
+    TASK_FEATURE_LENGTHS); longer sequences are cut.
+  batch_size: examples per global step, over all processes (gin: BATCH_SIZE).
+  pack: pack each step's sequences into shared rows; else one row per sequence.
   seed: the shuffle's seed; the same seed gives the same stream.
   num_input_shards: SeqIO shards the stream is read as (default: one per process);
     the global batch does not depend on the number of processes reading them.
@@ -49,27 +75,79 @@ class DatasetConfig:
     if self.batch_size < 1:
       raise ConfigError(f'BATCH_SIZE must be >= 1; got {self.batch_size}')
 
+  @property
+  def sequences_per_step(self) -> int:
+    """The most rows a step can need: one per sequence."""
+    return self.batch_size * tasks.sequences_per_example(self.mixture_or_task_name)
+
 
 def model_input_shapes(
     config: DatasetConfig, converter: seqio.FeatureConverter
 ) -> dict[str, tuple[int, int]]:
-  """[global batch, length] of the encoder and decoder token arrays of a training batch."""
+  """[largest rows per step, length] of the encoder and decoder token arrays."""
   lengths = converter.get_model_feature_lengths(dict(config.task_feature_lengths))
   return {
-      k: (config.batch_size, lengths[k]) for k in ('encoder_input_tokens', 'decoder_input_tokens')
+      k: (config.sequences_per_step, lengths[k])
+      for k in ('encoder_input_tokens', 'decoder_input_tokens')
   }
 
 
+def numpy_iterator(ds: tf.data.Dataset) -> Iterator[Any]:
+  """`ds.as_numpy_iterator()`, without tf.data's autotuning thread.
+
+  That thread sleeps up to a minute between optimisations, and an iterator's
+  destructor waits for it to wake: the end of a demo-sized run stalled 0-51 s (seen
+  in gdb: `~RootDataset::Iterator` waiting on `Model::OptimizeLoop`). Without it,
+  parallel maps use every core and prefetches their default buffer; the
+  pipeline still runs hundreds of times faster than the step (`bench/`).
+  """
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return ds.with_options(options).as_numpy_iterator()
+
+
+def _without_padding(example: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  """An example back from `padded_batch`: token ids are never 0 (the pad id)."""
+  return {k: tf.boolean_mask(v, v != 0) for k, v in example.items()}
+
+
+def _steps(
+    config: DatasetConfig, converter: seqio.FeatureConverter, shard: seqio.ShardInfo
+) -> tf.data.Dataset:
+  """One shard's share of every step: its sequences, packed into up to that many rows."""
+  per_step = config.sequences_per_step // shard.num_shards
+  examples = seqio.get_mixture_or_task(config.mixture_or_task_name).get_dataset(
+      dict(config.task_feature_lengths),
+      split='train',
+      shuffle=True,
+      seed=config.seed,
+      shard_info=shard,
+      num_epochs=None,
+  )
+  examples = examples.map(lambda ex: {k: ex[k] for k in ('inputs', 'targets', TASK_ID) if k in ex})
+  lengths = dict(config.task_feature_lengths)
+
+  def pack(step: Mapping[str, tf.Tensor]) -> tf.data.Dataset:
+    sequences = tf.data.Dataset.from_tensor_slices(step).map(_without_padding)
+    return converter(sequences, lengths).batch(per_step)
+
+  return examples.padded_batch(per_step).flat_map(pack)
+
+
 def batches(
-    config: DatasetConfig, converter: seqio.FeatureConverter, skip: int = 0
+    config: DatasetConfig,
+    converter: seqio.FeatureConverter,
+    skip: int = 0,
+    row_unit: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
-  """This process's rows of the infinite, deterministic training stream.
+  """This process's rows of the infinite, deterministic training stream, step by step.
 
   The stream is `num_input_shards` SeqIO shards (`ShardInfo`), each giving
-  `batch_size / num_input_shards` rows per batch; a process reads only its own
+  `batch_size / num_input_shards` examples per step; a process reads only its own
   consecutive shards. The global batch is then the same on any number of
-  processes, so 1 process and 2 processes with 2 input shards train alike.
-  The first `skip` batches (those consumed before a restart) are dropped.
+  processes. Rows are padded to a multiple of `row_unit` (the rows that the data
+  axis and the microbatches divide), bucketed, and agreed on by all processes.
+  The first `skip` steps (those consumed before a restart) are dropped.
   """
   processes = jax.process_count()
   shards = config.num_input_shards or processes
@@ -81,21 +159,20 @@ def batches(
   per_process = shards // processes
   first = jax.process_index() * per_process
   streams = [
-      seqio.get_dataset(
-          config.mixture_or_task_name,
-          task_feature_lengths=dict(config.task_feature_lengths),
-          dataset_split='train',
-          shuffle=True,
-          num_epochs=None,
-          seed=config.seed,
-          use_cached=False,
-          feature_converter=converter,
-          shard_info=seqio.ShardInfo(index, shards),
-          batch_size=config.batch_size // shards,
-      )
-      .skip(skip)
-      .as_numpy_iterator()
+      numpy_iterator(_steps(config, converter, seqio.ShardInfo(index, shards)).skip(skip))
       for index in range(first, first + per_process)
   ]
+  local_unit = max(row_unit // processes, 1)
+  bucket = local_unit * -(-ROW_BUCKET // (local_unit * processes))
+  most = _round_up(config.sequences_per_step // processes, local_unit)
   for parts in zip(*streams, strict=True):
-    yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    step = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    rows = len(step['encoder_input_tokens'])
+    if processes > 1:
+      rows = int(np.max(multihost_utils.process_allgather(np.asarray(rows))))
+    rows = min(_round_up(rows, bucket), most)
+    yield {k: np.pad(v, [(0, rows - len(v)), (0, 0)]) for k, v in step.items()}
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple

@@ -3,15 +3,23 @@
 From one data source whose examples hold an input text, labels (gold and/or
 teacher) and a teacher rationale, `register_step_by_step` registers:
 
-  {name}_{source}_label          predict: x -> label       (one per label source)
-  {name}_rationale               explain: x -> rationale
-  {name}_{source}_step_by_step   mixture of the two, equal rates
-  {name}_{source}_standard       x -> label, no prefix: the paper's baselines
+  {name}_{source}_label                 predict: x -> label    (one per label source)
+  {name}_rationale                      explain: x -> rationale
+  {name}_{source}_step_by_step          both, paired: each row gives its predict:
+                                        example, then its explain: example
+  {name}_{source}_step_by_step_mixture  both as a SeqIO mixture, sampled independently
+  {name}_{source}_standard              x -> label, no prefix: the paper's baselines
+  {name}_span_corruption                T5's span corruption of x: a warm-up on the
+                                        inputs alone (`span_corruption`)
 
 Distilling step-by-step trains on `{name}_llm_step_by_step` (or `_gt_` with
-gold labels); standard finetuning on `{name}_gt_standard`, standard
-distillation on `{name}_llm_standard`. `FAMILIES` is the one list of what is
-registered; `dsbs-train --list_tasks` prints it.
+gold labels), as the authors' trainer does: every example contributes its
+predict: and its explain: sequence to the same batch (`input_pipeline`
+batches by example). Standard finetuning trains on `{name}_gt_standard`,
+standard distillation on `{name}_llm_standard`. The source shuffles its rows
+and no task shuffles again, so every task of a family sees the rows in the same
+order for the same seed. `FAMILIES` is the one list of what is registered;
+`dsbs-train --list_tasks` prints it.
 
 Families are registered on request: a gin/tasks/* file sets `DATASET` to a
 registering call, and `select` (the gin macro `MIXTURE_OR_TASK_NAME`'s
@@ -31,12 +39,21 @@ import seqio
 import tensorflow as tf
 
 from dsbs_jax import losses
+from dsbs_jax.data import span_corruption
 from dsbs_jax.data.feature_converters import TASK_ID
 from dsbs_jax.errors import ConfigError
 
 LABEL_PREFIX = 'predict: '
 RATIONALE_PREFIX = 'explain: '
-VARIANTS = ('label', 'rationale', 'step_by_step', 'standard')
+VARIANTS = (
+    'label',
+    'rationale',
+    'step_by_step',
+    'step_by_step_mixture',
+    'standard',
+    'span_corruption',
+)
+_WITHOUT_LABELS = ('rationale', 'span_corruption')  # one task per family, whatever the labels
 SEPARATOR = '</s>'  # in an input text, becomes the EOS id (NLI: premise</s>hypothesis)
 Row = Mapping[str, str]
 
@@ -77,21 +94,30 @@ def tokenize(ds: tf.data.Dataset, output_features: Mapping[str, seqio.Feature]) 
   return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+class RowsSource(seqio.FunctionDataSource):
+  """A SeqIO source over in-memory rows, which shuffles all of them itself (anew each
+  epoch, deterministically for a seed). Its tasks shuffle nothing more, so a step-by-
+  step task keeps each row's two examples together, and every task of a family reads
+  the rows in the same order."""
+
+  @property
+  def performs_internal_shuffling(self) -> bool:
+    return True
+
+
 def rows_source(
     load: Callable[[str], Sequence[Row]],
     splits: Sequence[str],
     num_input_examples: Optional[Mapping[str, int]] = None,
-) -> seqio.FunctionDataSource:
-  """A SeqIO source over in-memory rows; `load(split)` runs when a split is first read."""
+) -> RowsSource:
+  """A `RowsSource` whose `load(split)` runs when a split is first read."""
 
   def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None) -> tf.data.Dataset:
     rows = load(split)
     ds = tf.data.Dataset.from_tensor_slices({k: [r[k] for r in rows] for k in rows[0]})
     return ds.shuffle(len(rows), seed=seed) if shuffle_files else ds
 
-  return seqio.FunctionDataSource(
-      dataset_fn, splits=tuple(splits), num_input_examples=num_input_examples
-  )
+  return RowsSource(dataset_fn, splits=tuple(splits), num_input_examples=num_input_examples)
 
 
 def format_example(
@@ -109,6 +135,37 @@ def format_example(
   return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def unlabeled_inputs(ds: tf.data.Dataset, *, input_field: str) -> tf.data.Dataset:
+  """Maps a source example to `{inputs: x, task_id: [label]}`, for `span_corruption`
+  (its loss counts as the label task's, so LAMBDA = 0 trains it)."""
+
+  def fn(ex):
+    return {'inputs': ex[input_field], TASK_ID: tf.constant([losses.LABEL_TASK], tf.int32)}
+
+  return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def paired_examples(
+    ds: tf.data.Dataset, *, input_field: str, label_field: str, rationale_field: str
+) -> tf.data.Dataset:
+  """Each source row as two examples, in order: `predict: x -> label`, then
+  `explain: x -> rationale` (see `format_example`)."""
+
+  def fn(ex):
+    def example(prefix: str, target_field: str, task_id: int) -> dict[str, tf.Tensor]:
+      return {
+          'inputs': tf.strings.join([prefix, ex[input_field]]),
+          'targets': ex[target_field],
+          TASK_ID: tf.constant([task_id], tf.int32),
+      }
+
+    label = example(LABEL_PREFIX, label_field, losses.LABEL_TASK)
+    rationale = example(RATIONALE_PREFIX, rationale_field, losses.RATIONALE_TASK)
+    return tf.data.Dataset.from_tensors(label).concatenate(tf.data.Dataset.from_tensors(rationale))
+
+  return ds.flat_map(fn)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepByStepFamily:
   """The names registered for one dataset."""
@@ -116,17 +173,31 @@ class StepByStepFamily:
   name: str
   label_tasks: Mapping[str, str]
   rationale_task: str
+  paired_tasks: Mapping[str, str]
   mixtures: Mapping[str, str]
   standard_tasks: Mapping[str, str]
+  span_corruption_task: str
 
   @property
   def names(self) -> list[str]:
     return [
         *self.label_tasks.values(),
         self.rationale_task,
+        *self.paired_tasks.values(),
         *self.mixtures.values(),
         *self.standard_tasks.values(),
+        self.span_corruption_task,
     ]
+
+  def label_task_of(self, mixture_or_task_name: str) -> Optional[str]:
+    """The label task a step-by-step task or mixture of this family trains."""
+    for label_source in self.label_tasks:
+      if mixture_or_task_name in (
+          self.paired_tasks[label_source],
+          self.mixtures[label_source],
+      ):
+        return self.label_tasks[label_source]
+    return None
 
 
 FAMILIES: dict[str, StepByStepFamily] = {}
@@ -139,15 +210,15 @@ def task_name(dataset: str | StepByStepFamily, variant: str, label_source: str =
   name = dataset.name if isinstance(dataset, StepByStepFamily) else dataset
   if (
       isinstance(dataset, StepByStepFamily)
-      and variant != 'rationale'
+      and variant not in _WITHOUT_LABELS
       and (label_source not in dataset.label_tasks)
   ):
     raise ConfigError(
         f'LABEL_SOURCE {label_source!r}: {name} has labels from '
         f'{", ".join(sorted(dataset.label_tasks))}'
     )
-  if variant == 'rationale':
-    return f'{name}_rationale'
+  if variant in _WITHOUT_LABELS:
+    return f'{name}_{variant}'
   return f'{name}_{label_source}_{variant}'
 
 
@@ -214,21 +285,30 @@ def has_rationales(mixture_or_task_name: str) -> bool:
     return False
   return (
       mixture_or_task_name == family.rationale_task
-      or mixture_or_task_name in family.mixtures.values()
+      or family.label_task_of(mixture_or_task_name) is not None
   )
+
+
+def sequences_per_example(mixture_or_task_name: str) -> int:
+  """How many sequences one example (a source row) gives: 2 for a paired
+  step-by-step task (predict: and explain:), 1 for anything else."""
+  family = family_of(mixture_or_task_name)
+  paired = family is not None and mixture_or_task_name in family.paired_tasks.values()
+  return 2 if paired else 1
 
 
 def evaluation_tasks(mixture_or_task_name: str, rationales: bool = False) -> list[str]:
   """The tasks to decode when evaluating a training task or mixture.
 
-  A step-by-step mixture is evaluated on its label task (what deployment runs),
-  plus its rationale task when `rationales` is set; any other name as itself.
+  Step-by-step training (paired or mixed) is evaluated on its label task (what
+  deployment runs), plus its rationale task when `rationales` is set; any other
+  name as itself.
   """
-  for family in FAMILIES.values():
-    for label_source, mixture in family.mixtures.items():
-      if mixture == mixture_or_task_name:
-        return [family.label_tasks[label_source], *([family.rationale_task] if rationales else [])]
-  return [mixture_or_task_name]
+  family = family_of(mixture_or_task_name)
+  label = family.label_task_of(mixture_or_task_name) if family else None
+  if family is None or label is None:
+    return [mixture_or_task_name]
+  return [label, *([family.rationale_task] if rationales else [])]
 
 
 def deployed_task(mixture_or_task_name: str) -> str:
@@ -242,9 +322,11 @@ def describe_families() -> str:
   return '\n'.join(f'{name}: {" ".join(family.names)}' for name, family in sorted(FAMILIES.items()))
 
 
-def _replace(registry, name: str) -> None:
-  if name in registry.names():
-    registry.remove(name)
+def _unregister(name: str) -> None:
+  """Frees a name in both registries (a name is a task or a mixture, not both)."""
+  for registry in (seqio.TaskRegistry, seqio.MixtureRegistry):
+    if name in registry.names():
+      registry.remove(name)
 
 
 def register_step_by_step(
@@ -259,7 +341,8 @@ def register_step_by_step(
     label_postprocess_fn: Optional[Callable] = None,
     rationale_metric_fns: Sequence[Callable] = (),
 ) -> StepByStepFamily:
-  """Registers the label task(s), the rationale task and the step-by-step mixtures.
+  """Registers the label task(s), the rationale task, the step-by-step tasks (paired)
+  and mixtures, the standard tasks and the span-corruption task.
 
   `label_fields` maps a label source (`gt`, `llm`) to the source field holding
   that label. `vocabulary` defaults to bytes. Registering a name again replaces
@@ -269,12 +352,28 @@ def register_step_by_step(
   if not label_fields:
     raise ValueError(f'{name}: label_fields must name at least one label source')
   features = output_features(vocabulary or seqio.ByteVocabulary())
-  common = [tokenize, seqio.CacheDatasetPlaceholder(), seqio.preprocessors.append_eos_after_trim]
+  common = [tokenize, seqio.CacheDatasetPlaceholder()]
+
+  def add(task: str, to_examples: Callable, metric_fns=(), postprocess_fn=None, then=()) -> None:
+    _unregister(task)
+    seqio.TaskRegistry.add(
+        task,
+        source=source,
+        preprocessors=[
+            to_examples,
+            *common,
+            *then,
+            seqio.preprocessors.append_eos_after_trim,
+        ],
+        output_features=features,
+        metric_fns=list(metric_fns),
+        postprocess_fn=postprocess_fn,
+        shuffle_buffer_size=None,  # the source shuffles (RowsSource)
+    )
 
   def add_task(
       task: str, prefix: str, target_field: str, task_id: int, metric_fns, postprocess_fn
   ) -> None:
-    _replace(seqio.TaskRegistry, task)
     fmt = functools.partial(
         format_example,
         prefix=prefix,
@@ -282,14 +381,7 @@ def register_step_by_step(
         target_field=target_field,
         task_id=task_id,
     )
-    seqio.TaskRegistry.add(
-        task,
-        source=source,
-        preprocessors=[fmt, *common],
-        output_features=features,
-        metric_fns=list(metric_fns),
-        postprocess_fn=postprocess_fn,
-    )
+    add(task, fmt, metric_fns, postprocess_fn)
 
   rationale = task_name(name, 'rationale')
   add_task(
@@ -300,17 +392,35 @@ def register_step_by_step(
       rationale_metric_fns,
       None,
   )
-  label_tasks, mixtures, standard_tasks = {}, {}, {}
+  label_tasks, paired_tasks, mixtures, standard_tasks = {}, {}, {}, {}
   for label_source, field in label_fields.items():
     label = task_name(name, 'label', label_source)
     add_task(label, LABEL_PREFIX, field, losses.LABEL_TASK, label_metric_fns, label_postprocess_fn)
     standard = task_name(name, 'standard', label_source)
     add_task(standard, '', field, losses.LABEL_TASK, label_metric_fns, label_postprocess_fn)
-    mixture = task_name(name, 'step_by_step', label_source)
-    _replace(seqio.MixtureRegistry, mixture)
+    paired = task_name(name, 'step_by_step', label_source)
+    add(
+        paired,
+        functools.partial(
+            paired_examples,
+            input_field=input_field,
+            label_field=field,
+            rationale_field=rationale_field,
+        ),
+    )
+    mixture = task_name(name, 'step_by_step_mixture', label_source)
+    _unregister(mixture)
     seqio.MixtureRegistry.add(mixture, [(label, 1.0), (rationale, 1.0)])
-    label_tasks[label_source], mixtures[label_source] = label, mixture
-    standard_tasks[label_source] = standard
-  family = StepByStepFamily(name, label_tasks, rationale, mixtures, standard_tasks)
+    label_tasks[label_source], paired_tasks[label_source] = label, paired
+    mixtures[label_source], standard_tasks[label_source] = mixture, standard
+  corruption = task_name(name, 'span_corruption')
+  add(
+      corruption,
+      functools.partial(unlabeled_inputs, input_field=input_field),
+      then=[span_corruption.span_corruption],
+  )
+  family = StepByStepFamily(
+      name, label_tasks, rationale, paired_tasks, mixtures, standard_tasks, corruption
+  )
   FAMILIES[name] = family
   return family

@@ -1,0 +1,85 @@
+"""Batches count examples: a step-by-step run's steps hold the same label examples, in the
+same order, as a standard run's with the same seed, each with its rationale beside it,
+packed into few rows; and a restart resumes the stream exactly."""
+
+import itertools
+
+import numpy as np
+import pytest
+import seqio
+
+from dsbs_jax.data import demo, input_pipeline
+from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
+
+LENGTHS = {'inputs': 256, 'targets': 128}
+VOCAB = seqio.ByteVocabulary()
+
+
+def _steps(task, steps, batch_size=6, seed=3, skip=0, pack=True, row_unit=1):
+  demo.register()
+  config = input_pipeline.DatasetConfig(task, LENGTHS, batch_size, pack=pack, seed=seed)
+  stream = input_pipeline.batches(
+      config, StepByStepFeatureConverter(pack=pack), skip=skip, row_unit=row_unit
+  )
+  return list(itertools.islice(stream, steps))
+
+
+def _sequences(step, task_id):
+  """The input texts of a step's sequences of one task, in row order."""
+  inputs = step['encoder_input_tokens']
+  # Unpacked rows hold one sequence each: segment 1 wherever there are tokens.
+  encoder_segments = step.get('encoder_segment_ids', (inputs > 0).astype(np.int32))
+  decoder_segments = step.get('decoder_segment_ids', (step['decoder_task_ids'] > 0) * 1)
+  texts = []
+  for row in range(len(inputs)):
+    for segment in sorted(set(decoder_segments[row].tolist()) - {0}):
+      task = set(step['decoder_task_ids'][row][decoder_segments[row] == segment].tolist())
+      if task == {task_id}:
+        texts.append(VOCAB.decode(inputs[row][encoder_segments[row] == segment].tolist()))
+  return texts
+
+
+def test_paired_steps_hold_the_standard_runs_label_examples_with_their_rationales():
+  standard = _steps('demo_gt_standard', steps=5)
+  paired = _steps('demo_gt_step_by_step', steps=5)
+  for plain, both in zip(standard, paired, strict=True):
+    inputs = _sequences(plain, 1)
+    assert len(inputs) == 6  # BATCH_SIZE examples, not rows
+    assert _sequences(both, 1) == ['predict: ' + x for x in inputs]
+    assert _sequences(both, 2) == ['explain: ' + x for x in inputs]
+  # Packed: 12 sequences share fewer rows, a multiple of the row bucket.
+  rows = {len(step['encoder_input_tokens']) for step in paired}
+  assert all(r % input_pipeline.ROW_BUCKET == 0 and r <= 12 for r in rows), rows
+  assert min(rows) < 12
+
+
+def test_steps_differ_with_the_seed_and_over_epochs():
+  a = [_sequences(s, 1) for s in _steps('demo_gt_standard', steps=3, seed=0)]
+  b = [_sequences(s, 1) for s in _steps('demo_gt_standard', steps=3, seed=1)]
+  assert a != b
+  flat = [x for step in a for x in step]
+  assert len(set(flat)) == len(flat)  # no repeats within an epoch
+
+
+def test_a_restart_skips_exactly_the_consumed_steps():
+  whole = _steps('demo_gt_step_by_step', steps=6)
+  resumed = _steps('demo_gt_step_by_step', steps=3, skip=3)
+  for a, b in zip(whole[3:], resumed, strict=True):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.parametrize('pack,row_unit,expected', [(False, 1, {12}), (True, 16, {16})])
+def test_rows_are_padded_to_the_units_the_mesh_needs(pack, row_unit, expected):
+  steps = _steps('demo_gt_step_by_step', steps=3, pack=pack, row_unit=row_unit)
+  assert {len(step['encoder_input_tokens']) for step in steps} == expected
+  for step in steps:
+    assert len(_sequences(step, 1)) == len(_sequences(step, 2)) == 6
+
+
+def test_the_independent_mixture_counts_sequences():
+  """The option the paper does not use: label and rationale examples drawn independently."""
+  steps = _steps('demo_gt_step_by_step_mixture', steps=4)
+  for step in steps:
+    assert len(_sequences(step, 1)) + len(_sequences(step, 2)) == 6
