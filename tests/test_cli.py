@@ -150,7 +150,7 @@ def test_explicit_task_names_keep_every_data_setting(tmp_path, data_root):
 def test_explicit_name_of_a_custom_dataset_registers_it(tmp_path):
   args = _custom(tmp_path)
   assert cli(*args, "--gin.MIXTURE_OR_TASK_NAME='custom_gt_step_by_step'", '--plan=1x1') == 0
-  assert 'custom_gt_step_by_step' in seqio.MixtureRegistry.names()
+  assert 'custom_gt_step_by_step' in seqio.TaskRegistry.names()  # the paired task
 
 
 def test_a_name_the_settings_would_not_select_is_refused(tmp_path, data_root, capsys):
