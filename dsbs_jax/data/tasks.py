@@ -120,19 +120,25 @@ def rows_source(
   return RowsSource(dataset_fn, splits=tuple(splits), num_input_examples=num_input_examples)
 
 
+def _example(
+    ex: Mapping[str, tf.Tensor], prefix: str, input_field: str, target_field: str, task_id: int
+) -> dict[str, tf.Tensor]:
+  """`{inputs: prefix + x, targets: y, task_id: [k]}` of a source example."""
+  return {
+      'inputs': tf.strings.join([prefix, ex[input_field]]),
+      'targets': ex[target_field],
+      TASK_ID: tf.constant([task_id], tf.int32),
+  }
+
+
 def format_example(
     ds: tf.data.Dataset, *, prefix: str, input_field: str, target_field: str, task_id: int
 ) -> tf.data.Dataset:
-  """Maps a source example to `{inputs: prefix + x, targets: y, task_id: [k]}`."""
-
-  def fn(ex):
-    return {
-        'inputs': tf.strings.join([prefix, ex[input_field]]),
-        'targets': ex[target_field],
-        TASK_ID: tf.constant([task_id], tf.int32),
-    }
-
-  return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+  """Maps each source example to one example of a task (`_example`)."""
+  return ds.map(
+      lambda ex: _example(ex, prefix, input_field, target_field, task_id),
+      num_parallel_calls=tf.data.AUTOTUNE,
+  )
 
 
 def unlabeled_inputs(ds: tf.data.Dataset, *, input_field: str) -> tf.data.Dataset:
@@ -149,18 +155,11 @@ def paired_examples(
     ds: tf.data.Dataset, *, input_field: str, label_field: str, rationale_field: str
 ) -> tf.data.Dataset:
   """Each source row as two examples, in order: `predict: x -> label`, then
-  `explain: x -> rationale` (see `format_example`)."""
+  `explain: x -> rationale` (`_example`)."""
 
   def fn(ex):
-    def example(prefix: str, target_field: str, task_id: int) -> dict[str, tf.Tensor]:
-      return {
-          'inputs': tf.strings.join([prefix, ex[input_field]]),
-          'targets': ex[target_field],
-          TASK_ID: tf.constant([task_id], tf.int32),
-      }
-
-    label = example(LABEL_PREFIX, label_field, losses.LABEL_TASK)
-    rationale = example(RATIONALE_PREFIX, rationale_field, losses.RATIONALE_TASK)
+    label = _example(ex, LABEL_PREFIX, input_field, label_field, losses.LABEL_TASK)
+    rationale = _example(ex, RATIONALE_PREFIX, input_field, rationale_field, losses.RATIONALE_TASK)
     return tf.data.Dataset.from_tensors(label).concatenate(tf.data.Dataset.from_tensors(rationale))
 
   return ds.flat_map(fn)
