@@ -304,15 +304,15 @@ def experiment_main(argv: Optional[Sequence[str]] = None) -> int:
     gin_utils.check_bindings_used('experiment.Grid', fv.gin_file, fv.gin_bindings)
     grid = gin.get_configurable(experiment.Grid)()
     gin.clear_config()
+    search = [f'--gin_search_paths={p}' for p in fv.gin_search_paths if p != '.']
     if fv.print_commands:
-      print('\n'.join(experiment.commands(grid)))
+      print('\n'.join(experiment.commands(grid, search)))
       return 0
     if not fv.summarize_only:
       if fv.compilation_cache_dir:
         # Every run of a grid compiles the same few programs: compile each once.
         jax.config.update('jax_compilation_cache_dir', os.path.expanduser(fv.compilation_cache_dir))
       start_tensorflow()
-      search = [f'--gin_search_paths={p}' for p in fv.gin_search_paths]
       experiment.run(grid, lambda args: train_main(['dsbs-train', *search, *args]))
     records = experiment.summarize(grid)
     log.info('experiment %s: %d runs summarised in %s', grid.name, len(records), grid.output_dir)

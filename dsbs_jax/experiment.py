@@ -126,10 +126,11 @@ def _finished(grid: Grid, point: Point) -> bool:
   return storage.exists(os.path.join(grid.run_dir(point), 'results.json'))
 
 
-def commands(grid: Grid) -> list[str]:
-  """One shell command per unfinished run, for a pod or cluster to launch."""
+def commands(grid: Grid, extra: Sequence[str] = ()) -> list[str]:
+  """One shell command per unfinished run (dsbs-train's `extra` arguments first), for a
+  pod or cluster to launch."""
   return [
-      shlex.join(['dsbs-train', *grid.arguments(p)])
+      shlex.join(['dsbs-train', *extra, *grid.arguments(p)])
       for p in grid.points()
       if not _finished(grid, p)
   ]
@@ -153,6 +154,9 @@ def run(grid: Grid, train: Callable[[Sequence[str]], int]) -> None:
     status = train(grid.arguments(point))
     if status:
       raise ConfigError(f'experiment {grid.name}: run {point.name} failed (exit {status})')
+    if not _finished(grid, point):  # SIGTERM: saved, exit 0, no results
+      log.info('experiment %s: %s stopped before its end; rerun to resume', grid.name, point.name)
+      return
     per_run = (time.perf_counter() - started) / (i + 1)
     left = len(todo) - i - 1
     log.info(
@@ -180,8 +184,11 @@ def collect(grid: Grid) -> list[dict[str, Any]]:
     if not storage.exists(path):
       continue
     results = json.loads(storage.read_text(path))
-    test = results['eval'].get('test', {})
-    task, values = next((t, v) for t, v in test.items() if t != 'teacher_forced')
+    test = next(iter(results['eval'].values()), {})
+    decoded = [(t, v) for t, v in test.items() if t != 'teacher_forced']
+    if not decoded:
+      raise ConfigError(f'experiment {grid.name}: {path} has no final evaluation to report')
+    task, values = decoded[0]
     metric, value = next(iter(values.items()))
     records.append(
         {
@@ -222,8 +229,9 @@ def table(grid: Grid, records: Sequence[Mapping[str, Any]]) -> str:
             if (r['size'], r['method'], r['lambda_'], r['train_fraction'])
             == (size, method, lam, fraction)
         ]
-        mean, std = _mean_std(values) if values else (float('nan'), 0.0)
-        cells.append(f'{mean:.1f} ± {std:.1f} ({len(values)})' if values else '—')
+        cells.append(
+            '{:.1f} ± {:.1f} ({})'.format(*_mean_std(values), len(values)) if values else '—'
+        )
       lines.append('| ' + ' | '.join(cells) + ' |')
     lines.append('')
   return '\n'.join(lines)

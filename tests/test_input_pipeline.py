@@ -15,8 +15,9 @@ LENGTHS = {'inputs': 256, 'targets': 128}
 VOCAB = seqio.ByteVocabulary()
 
 
-def _steps(task, steps, batch_size=6, seed=3, skip=0, pack=True, row_unit=1):
-  demo.register()
+def _steps(task, steps, batch_size=6, seed=3, skip=0, pack=True, row_unit=1, register=True):
+  if register:
+    demo.register()
   config = input_pipeline.DatasetConfig(task, LENGTHS, batch_size, pack=pack, seed=seed)
   stream = input_pipeline.batches(
       config, StepByStepFeatureConverter(pack=pack), skip=skip, row_unit=row_unit
@@ -59,6 +60,15 @@ def test_steps_differ_with_the_seed_and_over_epochs():
   assert a != b
   flat = [x for step in a for x in step]
   assert len(set(flat)) == len(flat)  # no repeats within an epoch
+
+
+def test_each_epoch_of_a_small_fraction_is_shuffled_anew():
+  # 60 rows (SeqIO would cache so small a split in memory and replay its order).
+  demo.register(name='demo_small', train_fraction=0.006)
+  steps = _steps('demo_small_gt_standard', steps=20, register=False)
+  first, second = ([x for s in steps[i : i + 10] for x in _sequences(s, 1)] for i in (0, 10))
+  assert len(set(first)) == 60 and set(first) == set(second)
+  assert first != second
 
 
 def test_a_restart_skips_exactly_the_consumed_steps():

@@ -168,8 +168,7 @@ def register(
     rows = _SPLITS[split]
     return splits.subsample_train(rows, train_fraction, seed) if split == 'train' else rows
 
-  sizes = {**SPLIT_SIZES, 'train': len(load('train'))}
-  source = tasks.rows_source(load, tuple(SPLIT_SIZES), sizes)
+  source = tasks.rows_source(load, tuple(SPLIT_SIZES))
   return tasks.register_step_by_step(
       name,
       source,

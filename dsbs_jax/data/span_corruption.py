@@ -5,8 +5,12 @@ average, are dropped from the input, each span replaced by one sentinel id, and
 the target lists the sentinels each followed by the tokens it replaced:
 
     tokens   The  cat  sat  on   the  mat  .
-    inputs   The  <0>  on   the  <1>  .
-    targets  <0>  cat  sat  <1>  mat
+    inputs   The  <0>  on   the  <1>
+    targets  <0>  cat  sat  <1>  mat  .
+
+(the text starts with a kept span and ends with a noise span). It runs before
+the inputs are trimmed, so a text of more than about 2,000 tokens would need more
+sentinels than the vocabulary's 100: keep warm-up texts shorter.
 
 A short warm-up on the training inputs alone (no labels, no rationales) gives a
 student trained from scratch some of what T5's pretraining gives the paper's

@@ -98,18 +98,16 @@ class RowsSource(seqio.FunctionDataSource):
   """A SeqIO source over in-memory rows, which shuffles all of them itself (anew each
   epoch, deterministically for a seed). Its tasks shuffle nothing more, so a step-by-
   step task keeps each row's two examples together, and every task of a family reads
-  the rows in the same order."""
+  the rows in the same order. It states no row counts: SeqIO caches a split with
+  fewer than 10,000 rows in memory after the source, which would replay the first
+  epoch's order in every epoch."""
 
   @property
   def performs_internal_shuffling(self) -> bool:
     return True
 
 
-def rows_source(
-    load: Callable[[str], Sequence[Row]],
-    splits: Sequence[str],
-    num_input_examples: Optional[Mapping[str, int]] = None,
-) -> RowsSource:
+def rows_source(load: Callable[[str], Sequence[Row]], splits: Sequence[str]) -> RowsSource:
   """A `RowsSource` whose `load(split)` runs when a split is first read."""
 
   def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None) -> tf.data.Dataset:
@@ -117,7 +115,7 @@ def rows_source(
     ds = tf.data.Dataset.from_tensor_slices({k: [r[k] for r in rows] for k in rows[0]})
     return ds.shuffle(len(rows), seed=seed) if shuffle_files else ds
 
-  return RowsSource(dataset_fn, splits=tuple(splits), num_input_examples=num_input_examples)
+  return RowsSource(dataset_fn, splits=tuple(splits))
 
 
 def _example(
