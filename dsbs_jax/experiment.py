@@ -184,7 +184,7 @@ def collect(grid: Grid) -> list[dict[str, Any]]:
     if not storage.exists(path):
       continue
     results = json.loads(storage.read_text(path))
-    test = next(iter(results['eval'].values()), {})
+    test: dict[str, Any] = next(iter(results['eval'].values()), {})
     decoded = [(t, v) for t, v in test.items() if t != 'teacher_forced']
     if not decoded:
       raise ConfigError(f'experiment {grid.name}: {path} has no final evaluation to report')
