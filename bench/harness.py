@@ -71,6 +71,17 @@ CONFIGS = {
         mlp_dim=2048,
         dropout_rate=0.0,
     ),
+    # T5 v1.1 large, for a GPU.
+    'large': network.T5Config(
+        vocab_size=384,
+        emb_dim=1024,
+        num_heads=16,
+        num_encoder_layers=24,
+        num_decoder_layers=24,
+        head_dim=64,
+        mlp_dim=2816,
+        dropout_rate=0.0,
+    ),
 }
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from bench import harness, reference_torch
-from dsbs_jax import losses, optimizers, partitioning, trainer
+from dsbs_jax import losses, network, optimizers, partitioning, trainer
 
 BATCHES = 16  # our distinct packed batches, cycled
 
@@ -61,6 +61,12 @@ def parse_args(argv=None):
       action='store_true',
       help='our layers recompute their activations in the backward pass '
       "(T5Config.remat); the authors' trainer does not checkpoint",
+  )
+  p.add_argument(
+      '--attention_block_size',
+      type=int,
+      default=network.T5Config.attention_block_size,
+      help='query rows our attention takes at a time (T5Config.attention_block_size)',
   )
   harness.add_shared_flags(p)
   return p.parse_args(argv)
@@ -138,7 +144,12 @@ class Reference:
 
 def build(args):
   config = harness.CONFIGS[args.config]
-  config = dataclasses.replace(config, dtype=args.dtype, remat=args.remat)
+  config = dataclasses.replace(
+      config,
+      dtype=args.dtype,
+      remat=args.remat,
+      attention_block_size=args.attention_block_size,
+  )
   lengths = {'inputs': args.inputs, 'targets': args.targets}
   rationale = args.variant == 'step_by_step'
   key = {
@@ -276,6 +287,7 @@ def main(argv=None):
               'our_packed_rows': inputs['packed_rows'],
               'grad_steps': args.grad_steps,
               'remat': args.remat,
+              'attention_block_size': args.attention_block_size,
               'lengths': lengths,
               'dtype': args.dtype,
               'steps': args.steps,
