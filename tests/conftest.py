@@ -1,9 +1,13 @@
-"""Shared fixtures. Sets up 8 simulated CPU devices before JAX initialises, and the
-process defaults the command-line tools set (`cli.set_process_defaults`)."""
+"""Shared fixtures. Sets up 8 simulated CPU devices before JAX initialises, the
+process defaults the command-line tools set (`cli.set_process_defaults`), and one
+JAX compilation cache for the whole session."""
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 
@@ -11,6 +15,16 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('EPATH_USE_TF', '0')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+# Dozens of tests train the same tiny model, in this process and in `dsbs-train`
+# subprocesses, which would each compile the same programs again. A cache made
+# for this session (and shared with its xdist workers and subprocesses, which
+# inherit the environment) compiles each once; starting empty, the suite still
+# compiles everything it runs.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='dsbs_jax_tests_cache_')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+# JAX caches only programs that took a second to compile; most here take less.
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import numpy as np
 import pytest

@@ -23,13 +23,14 @@ FLAGS = [
 
 
 def _env(devices):
-  env = dict(
+  return dict(
       os.environ,
       XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
       JAX_PLATFORMS='cpu',
       PYTHONPATH=REPO,
+      # launch/local_multihost.sh runs `python3`: this interpreter's, venv activated or not.
+      PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get('PATH', '')]),
   )
-  return env
 
 
 def _losses(model_dir):
