@@ -1,8 +1,12 @@
 """Greedy label decoding (`predict:` only, as deployed): ours versus HF `generate`.
 
-Same weights, same test-split inputs, same batch and maximum new tokens;
-interleaved timing after warm-up; peak memory per side in a child process.
-Prints one JSON object. `--prepared` as in train_throughput.py.
+Same weights, the same `--batches` x `--batch_size` test-split inputs, the same
+maximum new tokens. Each side decodes the whole set as its evaluation does:
+ours as the Evaluator, longest inputs first (`decoding.length_sorted_batches`)
+with each batch trimmed; the reference in the split's order, each batch padded
+to its longest. `ours_in_order` is ours batched as the reference, to show what
+the sort brings (and that it changes no prediction). Interleaved timing after a warm-up pass; peak memory per side
+in a child process. Prints one JSON object. `--prepared` as in train_throughput.py.
 
     python bench/decode_throughput.py --config=small
 """
@@ -33,7 +37,8 @@ def parse_args(argv=None):
   p.add_argument('--batch_size', type=int, default=64)
   p.add_argument('--inputs', type=int, default=512)
   p.add_argument('--max_new_tokens', type=int, default=64, help="the reference's gen_max_len")
-  p.add_argument('--batches', type=int, default=3)
+  p.add_argument('--batches', type=int, default=3, help='the set is this many batches')
+  p.add_argument('--repeats', type=int, default=3, help='timed passes over the set per side')
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   harness.add_shared_flags(p)
   return p.parse_args(argv)
@@ -77,37 +82,60 @@ def build(args):
   model = harness.student(config, inputs['vocab'])
   predict = jax.jit(lambda p, b: model.predict_batch(p, b, max_decode_length=args.max_new_tokens))
 
-  def ours(rows):
-    tokens = np.zeros((len(rows), args.inputs), np.int32)
-    for i, r in enumerate(rows):
-      tokens[i, : len(r)] = r
+  def decode(rows, chosen):
+    tokens = np.zeros((args.batch_size, args.inputs), np.int32)
+    for i, r in enumerate(chosen):
+      tokens[i, : len(rows[r])] = rows[r]
     batch = {
         'encoder_input_tokens': tokens,
-        'decoder_input_tokens': np.zeros((len(rows), args.max_new_tokens), np.int32),
+        'decoder_input_tokens': np.zeros((args.batch_size, args.max_new_tokens), np.int32),
     }
-    return np.asarray(predict(params, decoding.trim_inputs(batch, decoding.INPUT_LENGTH_MULTIPLE)))
+    out = predict(params, decoding.trim_inputs(batch, decoding.INPUT_LENGTH_MULTIPLE))
+    return np.asarray(out)[: len(chosen)].tolist()
+
+  def ours(rows, batches=None):
+    lengths = np.array([len(r) for r in rows])
+    predictions: list = [None] * len(rows)
+    for chosen in batches or decoding.length_sorted_batches(lengths, args.batch_size):
+      for i, tokens in zip(chosen, decode(rows, chosen), strict=True):
+        predictions[i] = tokens
+    return predictions
+
+  def in_order(rows):
+    return ours(
+        rows,
+        [
+            np.arange(i, min(i + args.batch_size, len(rows)))
+            for i in range(0, len(rows), args.batch_size)
+        ],
+    )
 
   def reference(rows):
-    return reference_torch.generate(torch_model, rows, args.max_new_tokens, autocast)
+    return [
+        tokens
+        for i in range(0, len(rows), args.batch_size)
+        for tokens in reference_torch.generate(
+            torch_model, rows[i : i + args.batch_size], args.max_new_tokens, autocast
+        )
+    ]
 
-  return {'ours': ours, 'reference': reference}, inputs['batches']
+  rows = [r for batch in inputs['batches'] for r in batch]
+  return {'ours': ours, 'ours_in_order': in_order, 'reference': reference}, rows
 
 
-def timed(fn, inputs):
+def timed(fn, rows):
   start = time.perf_counter()
-  fn(inputs)
+  fn(rows)
   return time.perf_counter() - start
 
 
 def memory_child(args):
-  """Prints one side's peak memory (bytes) while it decodes every batch, after a first
+  """Prints one side's peak memory (bytes) while it decodes the set, after a first
   pass that compiled each width and made the first allocations."""
-  sides, batches = build(args)
-  for b in batches:
-    sides[args.memory_side](b)
+  sides, rows = build(args)
+  sides[args.memory_side](rows)
   before = harness.reset_peak_memory(args.memory_side)
-  for b in batches:
-    sides[args.memory_side](b)
+  sides[args.memory_side](rows)
   harness.print_child_memory(args.memory_side, before)
 
 
@@ -119,28 +147,36 @@ def main(argv=None):
   memory = harness.children_memory(
       'bench/decode_throughput.py', sys.argv[1:] if argv is None else list(argv)
   )
-  sides, batches = build(args)
-  for name in sides:  # every batch once: each trimmed input width compiles before timing
-    harness.progress(f'warm-up {name}: {sum(timed(sides[name], b) for b in batches):.3f}s')
-  times = {name: [] for name in sides}
-  for i, b in enumerate(batches):
+  sides, rows = build(args)
+  predictions = {}
+  for name in sides:  # a whole pass: each trimmed input width compiles before timing
+    start = time.perf_counter()
+    predictions[name] = sides[name](rows)
+    harness.progress(f'warm-up {name}: {time.perf_counter() - start:.3f}s')
+  times: dict[str, list[float]] = {name: [] for name in sides}
+  for i in range(args.repeats):
     for name, fn in sides.items():
-      times[name].append(timed(fn, b))
+      times[name].append(timed(fn, rows))
     harness.progress(
-        f'batch {i + 1}/{len(batches)}: ours {times["ours"][-1]:.3f}s, '
-        f'reference {times["reference"][-1]:.3f}s'
+        f'pass {i + 1}/{args.repeats}: '
+        + ', '.join(f'{name} {t[-1]:.3f}s' for name, t in times.items())
     )
-  report = {}
+  report: dict = {}
   for name in sides:
     median = float(np.median(times[name]))
     report[name] = {
-        'median_batch_s': median,
-        'examples_per_s': args.batch_size / median,
-        **memory[name],
+        'median_set_s': median,
+        'examples_per_s': len(rows) / median,
+        **memory.get(name, {}),
     }
   report['ratio_ours_over_reference'] = {
       k: report['ours'][k] / report['reference'][k] for k in report['ours']
   }
+  # Sorting changes the batches, not the predictions, nor their order.
+  report['ours_equals_ours_in_order'] = predictions['ours'] == predictions['ours_in_order']
+  report['ratio_ours_over_ours_in_order'] = (
+      report['ours']['examples_per_s'] / report['ours_in_order']['examples_per_s']
+  )
   print(
       json.dumps(
           {
@@ -148,6 +184,7 @@ def main(argv=None):
               'config': args.config,
               'datasets': args.datasets,
               'batch_size': args.batch_size,
+              'examples': len(rows),
               'max_new_tokens': args.max_new_tokens,
               'dtype': args.dtype,
               'machine': harness.machine(),

@@ -1,5 +1,5 @@
 """Greedy decoding as a pure `lax.while_loop` over a key/value cache, and the input
-trimming that keeps decoding's compiled shapes few."""
+ordering and trimming that keep decoding's batches narrow and its compiled shapes few."""
 
 from __future__ import annotations
 
@@ -66,9 +66,29 @@ def trim_inputs(batch: Mapping[str, np.ndarray], multiple: int) -> dict[str, np.
   feature_length / multiple. All processes agree on the width (SPMD).
   """
   tokens = batch['encoder_input_tokens']
-  used = np.flatnonzero((tokens > 0).any(axis=0))
-  longest = int(used[-1]) + 1 if used.size else 1
+  longest = max(int(input_lengths(tokens).max(initial=0)), 1)
   width = min(tokens.shape[1], -(-longest // multiple) * multiple)
   if jax.process_count() > 1:
     width = int(np.max(multihost_utils.process_allgather(np.asarray(width))))
   return {k: v[:, :width] if k.startswith('encoder_') else v for k, v in batch.items()}
+
+
+def input_lengths(encoder_input_tokens: np.ndarray) -> np.ndarray:
+  """[n] each row's input length: one past its last non-padding token ([n, l] in)."""
+  used = encoder_input_tokens > 0
+  last = encoder_input_tokens.shape[1] - np.argmax(used[:, ::-1], axis=1)
+  return np.where(used.any(axis=1), last, 0)
+
+
+def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+  """Row indices in batches of `batch_size`, longest inputs first ([n] lengths in).
+
+  Batched in the split's order, a batch is as wide as its longest input, so a
+  mixed split pays for its long inputs in almost every batch (the encoder and
+  every step's cross-attention). Sorted, each batch's trimmed width fits its
+  rows. The sort is stable, so equal lengths keep the split's order and every
+  process of a multi-host run forms the same batches. Longest first, so the
+  widest batch compiles (and would run out of memory) first.
+  """
+  order = np.argsort(-np.asarray(lengths), kind='stable')
+  return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

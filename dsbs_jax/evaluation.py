@@ -19,7 +19,12 @@ from jax.experimental import multihost_utils
 
 from dsbs_jax import losses, monitoring
 from dsbs_jax.data.input_pipeline import numpy_iterator
-from dsbs_jax.decoding import INPUT_LENGTH_MULTIPLE, trim_inputs
+from dsbs_jax.decoding import (
+    INPUT_LENGTH_MULTIPLE,
+    input_lengths,
+    length_sorted_batches,
+    trim_inputs,
+)
 from dsbs_jax.errors import ConfigError
 from dsbs_jax.models import StepByStepModel
 from dsbs_jax.partitioning import Partitioner
@@ -74,13 +79,30 @@ def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray
   return {k: np.pad(v, [(0, rows - len(v))] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
 
 
+def _read_split(ds: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """SeqIO's (index, features) dataset as [n] indices and {feature: [n, ...]} rows.
+
+  Evaluation splits fit in host memory (e-SNLI's test split, the largest, is
+  9,824 rows), and sorting by length needs the whole split at once.
+  """
+  indices, batches = [], []
+  for index, batch in numpy_iterator(ds.batch(4096)):
+    indices.append(index)
+    batches.append(batch)
+  if not batches:
+    return np.zeros((0,), np.int64), {}
+  return np.concatenate(indices), {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
 class Evaluator:
   """Decodes one split of some tasks and scores them with SeqIO.
 
   As T5X's inference evaluation, it reads the split at its own lengths (SeqIO
   measures them), so no input is cut and decoding stops at the longest target.
-  Batches have a fixed number of rows; their inputs are trimmed to a multiple
-  of `input_length_multiple` (`trim_inputs`), so only a few shapes compile.
+  The split is decoded longest inputs first (`length_sorted_batches`), so each
+  batch is about as wide as its own rows. Batches have a fixed number of rows;
+  their inputs are trimmed to a multiple of `input_length_multiple`
+  (`trim_inputs`), so only a few shapes compile.
   """
 
   def __init__(
@@ -121,15 +143,19 @@ class Evaluator:
   def _predict_fn(self, params: Any):
     def predict_fn(ds, model_feature_shapes=None):
       del model_feature_shapes
+      indices, rows = _read_split(ds)
       results: list[tuple[int, list[int]]] = []
-      for indices, batch in numpy_iterator(ds.batch(self.batch_size)):
-        n = len(indices)
+      if not len(indices):
+        return results
+      lengths = input_lengths(rows['encoder_input_tokens'])
+      for chosen in length_sorted_batches(lengths, self.batch_size):
+        batch = {k: v[chosen] for k, v in rows.items()}
         padded = trim_inputs(pad_rows(batch, self.batch_size), self.input_length_multiple)
         with self.partitioner.activate():
           tokens = self._predict(params, self.partitioner.shard_global_batch(padded))
         tokens = multihost_utils.process_allgather(tokens, tiled=True)
-        results.extend(zip(indices.tolist(), tokens[:n].tolist(), strict=True))
-      return results
+        results.extend(zip(indices[chosen].tolist(), tokens[: len(chosen)].tolist(), strict=True))
+      return results  # SeqIO puts them back in the split's order by index
 
     return predict_fn
 
