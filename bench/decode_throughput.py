@@ -5,8 +5,9 @@ maximum new tokens. Each side decodes the whole set as its evaluation does:
 ours as the Evaluator, longest inputs first (`decoding.length_sorted_batches`)
 with each batch trimmed; the reference in the split's order, each batch padded
 to its longest. `ours_in_order` is ours batched as the reference, to show what
-the sort brings (and that it changes no prediction). Interleaved timing after a warm-up pass; peak memory per side
-in a child process. Prints one JSON object. `--prepared` as in train_throughput.py.
+the sort brings (and that it changes no prediction). Interleaved timing after a
+warm-up pass; peak memory per side in a child process. Prints one JSON object.
+`--prepared` as in train_throughput.py.
 
     python bench/decode_throughput.py --config=small
 """
@@ -124,9 +125,10 @@ def build(args):
 
 
 def timed(fn, rows):
+  """(seconds, fn(rows))."""
   start = time.perf_counter()
-  fn(rows)
-  return time.perf_counter() - start
+  out = fn(rows)
+  return time.perf_counter() - start, out
 
 
 def memory_child(args):
@@ -150,13 +152,12 @@ def main(argv=None):
   sides, rows = build(args)
   predictions = {}
   for name in sides:  # a whole pass: each trimmed input width compiles before timing
-    start = time.perf_counter()
-    predictions[name] = sides[name](rows)
-    harness.progress(f'warm-up {name}: {time.perf_counter() - start:.3f}s')
+    seconds, predictions[name] = timed(sides[name], rows)
+    harness.progress(f'warm-up {name}: {seconds:.3f}s')
   times: dict[str, list[float]] = {name: [] for name in sides}
   for i in range(args.repeats):
     for name, fn in sides.items():
-      times[name].append(timed(fn, rows))
+      times[name].append(timed(fn, rows)[0])
     harness.progress(
         f'pass {i + 1}/{args.repeats}: '
         + ', '.join(f'{name} {t[-1]:.3f}s' for name, t in times.items())
