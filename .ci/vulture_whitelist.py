@@ -1,7 +1,18 @@
 """What vulture cannot see used: gin binds these from gin/*.gin, and flax, SeqIO and T5X
 call the hooks by name. `.ci/run` passes this file to vulture beside dsbs_jax/."""
 
-from dsbs_jax import cli, gin_utils, models, network, optimizers, partitioning, t5x_bridge
+from dsbs_jax import (
+    cli,
+    gin_utils,
+    models,
+    network,
+    optimizers,
+    partitioning,
+    server,
+    t5x_bridge,
+    teacher_cli,
+    teachers,
+)
 from dsbs_jax.data import feature_converters, tasks
 
 optimizers.create_optimizer  # gin/train.gin
@@ -18,3 +29,10 @@ gin_utils._Syntax.configurable_reference  # gin's parser delegate
 models.StepByStepModel.score_batch  # T5X's scoring (t5x.infer mode 'score')
 cli.experiment_console_main  # pyproject.toml: dsbs-experiment
 tasks.RowsSource.performs_internal_shuffling  # SeqIO
+server._Common.model_config  # pydantic's settings
+server.create_app.invalid  # FastAPI calls the handlers its decorators register
+server.create_app.http_error
+server.create_app.authorize
+teachers.CausalLM.tokenizer.padding_side  # transformers' tokenizer reads it
+teacher_cli.console_main  # pyproject.toml: dsbs-teacher
+server.console_main  # pyproject.toml: dsbs-serve

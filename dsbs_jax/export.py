@@ -14,14 +14,18 @@ run's vocabulary's tokenizer, which is not exported); with `--to=t5x`, DIR gets
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Optional
 
-from dsbs_jax import checkpoints, cli, hf_checkpoint, t5x_checkpoints
+from dsbs_jax import checkpoints, cli, hf_checkpoint, storage, t5x_checkpoints
 from dsbs_jax.errors import ConfigError
 
 FORMATS = ('hf', 't5x')
+# Beside an exported config.json: the vocabulary and feature lengths dsbs-serve needs.
+SERVING_FILE = 'dsbs_serving.json'
 
 
 def export(
@@ -47,11 +51,15 @@ def export(
       )
     config = checkpoints.config_from_dict(saved)
     params = checkpointer.restore_params(None, step)
+    recorded = checkpointer.metadata(step)
   finally:
     checkpointer.close()
   if to == 't5x':
     return step, t5x_checkpoints.write_params(output, params, step)
   hf_checkpoint.save_hf_checkpoint(output, config, params)
+  serving_info = {k: recorded[k] for k in ('vocabulary', 'task_feature_lengths') if recorded.get(k)}
+  if serving_info:  # what dsbs-serve needs beside config.json
+    storage.write_atomic(os.path.join(output, SERVING_FILE), json.dumps(serving_info, indent=2))
   return step, output
 
 

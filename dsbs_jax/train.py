@@ -32,7 +32,7 @@ from dsbs_jax.checkpoints import (
     config_to_dict,
     load_initial_params,
 )
-from dsbs_jax.data import input_pipeline, tasks
+from dsbs_jax.data import input_pipeline, tasks, vocabularies
 from dsbs_jax.data.input_pipeline import DatasetConfig
 from dsbs_jax.errors import ConfigError
 from dsbs_jax.evaluation import EvaluationConfig, Evaluator, LossEvaluator
@@ -274,7 +274,12 @@ def train(
     raise ConfigError(f'TRAIN_STEPS must be >= 1; got {train_steps}')
   directory = storage.check_writable(model_dir, 'MODEL_DIR')
   log.info('%s; model %s', partitioner.describe(), model.module.config)
-  metadata = {'model_config': config_to_dict(model.module.config)}
+  # What serving a checkpoint needs without the run's gin (dsbs-serve).
+  metadata = {
+      'model_config': config_to_dict(model.module.config),
+      'vocabulary': vocabularies.describe(model.output_vocabulary),
+      'task_feature_lengths': dict(dataset.task_feature_lengths),
+  }
   param_shardings = trainer.state_shardings(input_shapes).params
   evaluations = _Evaluation(
       evaluation,

@@ -3,6 +3,7 @@ process defaults the command-line tools set (`cli.set_process_defaults`), and on
 JAX compilation cache for the whole session."""
 
 import atexit
+import contextlib
 import os
 import shutil
 import socket
@@ -223,3 +224,31 @@ def gcs(tmp_path_factory):
   yield env
   server.terminate()
   server.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def serve_app(app):
+  """`app` (a `server.App`) served by uvicorn on a free loopback port, in a thread of
+  this process; yields its OpenAI base URL."""
+  import threading
+
+  import uvicorn
+
+  from dsbs_jax import server
+
+  sock = socket.socket()
+  sock.bind(('127.0.0.1', 0))
+  port = sock.getsockname()[1]
+  uv = uvicorn.Server(uvicorn.Config(server.create_app(app), log_config=None))
+  thread = threading.Thread(target=uv.run, kwargs={'sockets': [sock]}, daemon=True)
+  thread.start()
+  deadline = time.time() + 20
+  while not uv.started:
+    assert time.time() < deadline and thread.is_alive(), 'the server did not start'
+    time.sleep(0.01)
+  try:
+    yield f'http://127.0.0.1:{port}/v1'
+  finally:
+    uv.should_exit = True
+    thread.join(timeout=10)
+    sock.close()

@@ -3,6 +3,7 @@
     <root>/<name>/<name>_{train,valid,test}.json   JSON lines
     <root>/<name>/llm/<split>_CoT_<i>.json         JSON lists of raw teacher outputs,
                                                    aligned with the split's rows in chunks
+                                                   (optional for validation and test)
 
 The root (a directory or a `gs://` URL) comes from `register(root=...)` (gin
 macro `DATA_ROOT`) or else the `DSBS_DATA_ROOT` environment variable, and is
@@ -34,7 +35,7 @@ from dsbs_jax.errors import ConfigError, DataError
 log = logging.getLogger('dsbs_jax')
 DATA_ROOT_ENV = 'DSBS_DATA_ROOT'
 NLI_LABELS = ('entailment', 'neutral', 'contradiction')
-_FILE_SPLITS = {'train': 'train', 'validation': 'valid', 'test': 'test'}
+FILE_SPLITS = {'train': 'train', 'validation': 'valid', 'test': 'test'}
 
 
 def _field(row: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
@@ -156,11 +157,18 @@ def load_split(
     benchmark: Benchmark, root: str, split: str
 ) -> tuple[list[dict[str, str]], teacher.ParseReport]:
   """One released split as rows, with the report of parsing its teacher outputs."""
-  file_split = _FILE_SPLITS[split]
+  file_split = FILE_SPLITS[split]
   directory = os.path.join(root, benchmark.name)
   path = os.path.join(directory, f'{benchmark.name}_{file_split}.json')
   raw = read_jsonl(path)
-  outputs = read_teacher_outputs(os.path.join(directory, 'llm'), file_split, benchmark.chunk_size)
+  llm = os.path.join(directory, 'llm')
+  if split != 'train' and not storage.exists(os.path.join(llm, f'{file_split}_CoT_0.json')):
+    # Evaluation splits are scored against gold, so a teacher run that answered
+    # only the training split (dsbs-teacher) leaves them without outputs.
+    log.info('%s: no teacher outputs; its rationales are blank', path)
+    outputs = [''] * len(raw)
+  else:
+    outputs = read_teacher_outputs(llm, file_split, benchmark.chunk_size)
   if len(outputs) != len(raw):
     raise DataError(
         f'{path}: {len(raw)} rows but {len(outputs)} teacher outputs in '
@@ -218,7 +226,7 @@ def register(
   load = functools.partial(split_rows, name, root=root, train_fraction=train_fraction, seed=seed)
   return tasks.register_step_by_step(
       name,
-      tasks.rows_source(load, tuple(_FILE_SPLITS)),
+      tasks.rows_source(load, tuple(FILE_SPLITS)),
       vocabulary,
       label_fields={'gt': 'label_gt', 'llm': 'label_llm'},
       label_metric_fns=[BENCHMARKS[name].label_metric],
@@ -247,7 +255,7 @@ def main(argv: Sequence[str]) -> None:
   root = resolve_root(args.data_root)
   for name in args.datasets:
     benchmark = BENCHMARKS[name]
-    for split, file_split in _FILE_SPLITS.items():
+    for split, file_split in FILE_SPLITS.items():
       if not storage.exists(os.path.join(root, name, f'{name}_{file_split}.json')):
         continue
       examples, report = load_split(benchmark, root, split)

@@ -84,7 +84,22 @@ def _released(name: str, source: tuple, split: str, fields: tuple) -> list[dict[
     raw = read_file(dict(where)[split])
   if not raw:
     raise DataError(f'{name}: the {split} split is empty')
+  gold = dict(fields).get('label_gt')
+  if split != 'train' and gold is not None:
+    raw = [(where, _gold_defaults(row, fields, gold)) for where, row in raw]
   return examples(raw, fields)
+
+
+def _gold_defaults(
+    row: Mapping[str, Any], fields: Sequence[tuple[str, str]], gold: str
+) -> dict[str, Any]:
+  """An evaluation row (scored against gold) may lack the teacher's fields, as
+  dsbs-teacher writes splits it did not query: blank rationale, gold label."""
+  columns = dict(fields)
+  defaults: dict[str, Any] = {columns['rationale']: ''}
+  if 'label_llm' in columns:
+    defaults[columns['label_llm']] = row.get(gold)
+  return {**defaults, **row}
 
 
 def examples(

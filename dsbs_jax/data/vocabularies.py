@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Optional
 
 import sentencepiece as spm
 import seqio
@@ -43,6 +44,30 @@ def sentencepiece(path: str, extra_ids: int = 100) -> seqio.SentencePieceVocabul
         f'SENTENCEPIECE_MODEL {path!r} is not a SentencePiece model: {str(e).splitlines()[0]}'
     ) from None
   return vocabulary
+
+
+def describe(vocabulary: seqio.Vocabulary) -> Optional[dict[str, Any]]:
+  """What rebuilds `vocabulary` (`from_description`), for a checkpoint to record so
+  that serving needs no gin; None for a kind it cannot record."""
+  if isinstance(vocabulary, seqio.ByteVocabulary):
+    return {'kind': 'bytes', 'extra_ids': vocabulary.extra_ids}
+  if isinstance(vocabulary, seqio.SentencePieceVocabulary):
+    return {
+        'kind': 'sentencepiece',
+        'path': vocabulary.sentencepiece_model_file,
+        'extra_ids': vocabulary.extra_ids,
+    }
+  return None
+
+
+def from_description(description: Mapping[str, Any]) -> seqio.Vocabulary:
+  """The vocabulary `describe` recorded."""
+  kind = description.get('kind')
+  if kind == 'bytes':
+    return seqio.ByteVocabulary(extra_ids=int(description.get('extra_ids', 0)))
+  if kind == 'sentencepiece':
+    return sentencepiece(str(description['path']), int(description.get('extra_ids', 0)))
+  raise ConfigError(f'unknown vocabulary {dict(description)!r}; expected bytes or sentencepiece')
 
 
 def task_texts(mixture_or_task_name: str, split: str = 'train') -> Iterator[str]:

@@ -1,0 +1,177 @@
+"""dsbs-serve's app on loopback, through the official openai client and raw HTTP:
+answers against the student decoding each input alone, batching and shape
+buckets, checkpoints of every kind, and the errors a client gets."""
+
+import concurrent.futures
+import json
+import urllib.request
+
+import flax.linen as nn
+import jax
+import numpy as np
+import openai
+import pytest
+import seqio
+
+from conftest import serve_app, tiny_config
+from dsbs_jax import checkpoints, export, models, network, server, serving
+from dsbs_jax.data import demo
+
+LENGTHS = {'inputs': 256, 'targets': 24}
+
+
+@pytest.fixture(scope='module')
+def model_dir(tmp_path_factory):
+  """A MODEL_DIR whose checkpoint records what serving needs, as dsbs-train writes it."""
+  config = tiny_config(vocab_size=384)
+  vocab = seqio.ByteVocabulary()
+  model = models.StepByStepModel(network.Transformer(config), vocab, vocab)
+  shapes = {'encoder_input_tokens': (1, 8), 'decoder_input_tokens': (1, 8)}
+  params = nn.meta.unbox(model.get_initial_variables(jax.random.PRNGKey(0), shapes))['params']
+  directory = tmp_path_factory.mktemp('serve') / 'run'
+  checkpointer = checkpoints.Checkpointer(directory / 'checkpoints', async_save=False)
+  metadata = {
+      'model_config': checkpoints.config_to_dict(config),
+      'vocabulary': {'kind': 'bytes', 'extra_ids': 0},
+      'task_feature_lengths': LENGTHS,
+  }
+  checkpointer.save(7, {'params': params}, 0, force=True, metadata=metadata)
+  checkpointer.close()
+  return directory, model, params
+
+
+@pytest.fixture(scope='module')
+def student(model_dir):
+  return serving.load_student(str(model_dir[0]), max_batch=8)
+
+
+@pytest.fixture(scope='module')
+def url(student):
+  with serve_app(server.App(student, 'student', max_batch=8, wait_ms=20)) as base:
+    yield base
+
+
+def _alone(model, params, text: str) -> str:
+  """The reference: one input, its exact length, decoded with `predict_batch`."""
+  vocab = seqio.ByteVocabulary()
+  ids = [*vocab.encode(text), 1]
+  out = np.asarray(
+      model.predict_batch(
+          params,
+          {'encoder_input_tokens': np.array([ids], np.int32)},
+          max_decode_length=LENGTHS['targets'],
+      )
+  )[0].tolist()
+  return vocab.decode(out[: out.index(1)] if 1 in out else out)
+
+
+def test_concurrent_requests_batch_into_buckets_and_match_decoding_alone(model_dir, url, student):
+  _, model, params = model_dir
+  client = openai.OpenAI(base_url=url, api_key='unused', max_retries=0)
+  texts = [r['input'] for r in demo.generate()['test'][:4]]
+
+  def ask(text):
+    return client.chat.completions.create(
+        model='student', messages=[{'role': 'user', 'content': text}], extra_body={'explain': True}
+    )
+
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    responses = list(pool.map(ask, texts))
+  for text, response in zip(texts, responses, strict=True):
+    message = response.choices[0].message
+    assert message.content == _alone(model, params, 'predict: ' + text)
+    assert message.model_extra['reasoning_content'] == _alone(model, params, 'explain: ' + text)
+    assert response.usage.prompt_tokens == len(('predict: ' + text).encode()) + 1
+  health = json.loads(urllib.request.urlopen(url[: -len('/v1')] + '/health').read())
+  assert health['requests'] == 8 and health['batches'] < 8  # gathered into batches
+  shapes = {tuple(s) for s in health['compiled_shapes']}
+  assert all(rows in (1, 2, 4, 8) and width in (64, 128, 192, 256) for rows, width in shapes)
+  # Other lengths within the same buckets compile nothing new; max_tokens cuts the answer.
+  compiled = set(student.compiled)
+  for text in ('Tom has 3 apples.\nHow many?', 'x' * 50):
+    completion = client.completions.create(model='student', prompt=text, max_tokens=2)
+    assert completion.usage.completion_tokens <= 2
+  assert student.compiled <= compiled | {(1, 64)}
+
+
+def test_an_hf_export_serves_the_same_answers(model_dir, tmp_path, student):
+  _, written = export.export(str(model_dir[0]), str(tmp_path / 'hf'))
+  assert (
+      json.loads((tmp_path / 'hf' / export.SERVING_FILE).read_text())['task_feature_lengths']
+      == LENGTHS
+  )
+  hf = serving.load_student(written)
+  rows = [
+      hf.prepare('Anna has 4 shells.', False, None),
+      hf.prepare('Anna has 4 shells.', True, None),
+  ]
+  assert [a.text for a in hf.answer(rows)] == [a.text for a in student.answer(rows)]
+
+
+def _post(url, path, body, headers=None):
+  request = urllib.request.Request(
+      url + path,
+      data=body.encode(),
+      headers={'Content-Type': 'application/json', **(headers or {})},
+  )
+  try:
+    with urllib.request.urlopen(request) as response:
+      return response.status, json.loads(response.read())
+  except urllib.error.HTTPError as e:
+    return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize(
+    'body, status, message',
+    [
+        ('{bad json', 400, 'JSON decode error'),
+        ('{"model": "student"}', 400, 'prompt: Field required'),
+        ('{"model": "student", "prompt": "x", "temperature": 0.5}', 400, 'decodes greedily'),
+        ('{"model": "student", "prompt": "x", "n": 0}', 400, 'n: Input should be greater'),
+        ('{"model": "student", "prompt": "x", "logprobs": 3}', 400, 'logprobs: Extra inputs'),
+        ('{"model": "student", "prompt": "x", "stream": true}', 400, 'streaming is not supported'),
+        ('{"model": "gpt-4", "prompt": "x"}', 404, "model 'gpt-4' is not served here"),
+        ('{"model": "student", "prompt": "' + 'x' * 300 + '"}', 400, 'the input is 310 tokens; '),
+    ],
+)
+def test_bad_requests_get_4xx_json(url, body, status, message):
+  code, payload = _post(url, '/completions', body)
+  assert code == status and message in payload['error']['message'], payload
+
+
+def test_overlong_inputs_truncate_when_configured_and_say_so(model_dir):
+  directory, model, params = model_dir
+  truncating = serving.load_student(str(directory), overlong='truncate')
+  with serve_app(server.App(truncating, 'student')) as base:
+    code, payload = _post(
+        base, '/completions', json.dumps({'model': 'student', 'prompt': 'y' * 300})
+    )
+  assert code == 200
+  choice = payload['choices'][0]
+  assert choice['warning'] == 'input truncated from 310 to 256 tokens'
+  vocab = seqio.ByteVocabulary()
+  kept = vocab.decode(vocab.encode('predict: ' + 'y' * 300)[:255])
+  assert choice['text'] == _alone(model, params, kept)
+
+
+def test_an_api_key_is_required_once_set(student):
+  with serve_app(server.App(student, 'student', api_key='secret-123')) as base:
+    body = json.dumps({'model': 'student', 'prompt': 'x'})
+    code, payload = _post(base, '/completions', body, {'Authorization': 'Bearer wrong'})
+    assert code == 401 and 'secret-123' not in json.dumps(payload)
+    assert _post(base, '/completions', body, {'Authorization': 'Bearer secret-123'})[0] == 200
+    # Health stays open for load balancers.
+    assert (
+        json.loads(urllib.request.urlopen(base[: -len('/v1')] + '/health').read())['status'] == 'ok'
+    )
+
+
+def test_a_path_that_is_no_model_is_one_line(tmp_path, capsys):
+  assert server.main(['--model', str(tmp_path)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [
+      (
+          f'dsbs-serve: error: --model {tmp_path}: neither a dsbs-jax MODEL_DIR, best/ or '
+          'checkpoints/, nor an HF directory (config.json)'
+      )
+  ]
