@@ -15,8 +15,9 @@ import time
 import urllib.request
 
 import pytest
+import seqio
 
-from conftest import REPO, SUBPROCESS_ENV, serve_app
+from conftest import REPO, SUBPROCESS_ENV, cli, serve_app
 from dsbs_jax import extraction, prompts, server, serving, teacher_cli, teachers
 from dsbs_jax.data import benchmarks, demo
 
@@ -385,9 +386,6 @@ def test_the_written_task_gin_trains_on_teacher_labels_and_scores_on_gold(tmp_pa
   """dsbs-teacher's JSON lines and task.gin, stacked on the demo's recipe, register the
   family dsbs-train runs: teacher labels for training, gold for the splits never
   queried (which carry no teacher fields)."""
-  import seqio
-  from conftest import cli
-
   task_dir = tmp_path / 'mine'
   task_dir.mkdir()
   train = [
@@ -404,7 +402,9 @@ def test_the_written_task_gin_trains_on_teacher_labels_and_scores_on_gold(tmp_pa
   for name, rows in (('train', train), ('test', test)):
     (task_dir / f'{name}.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
   gin_file = extraction.task_gin(str(tmp_path), 'mine', 'accuracy')
-  assert "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 64}" in open(gin_file).read()
+  assert (
+      "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 64}" in pathlib.Path(gin_file).read_text()
+  )
   args = [
       '--gin_file=demo_student.gin',
       f'--gin_file={gin_file}',
