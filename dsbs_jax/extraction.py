@@ -256,17 +256,11 @@ class Extraction:
       prompt_of = dict(zip(keys, rendered, strict=True))
       if progress is not None:
         progress.start(len(todo), len(keys) - len(todo))
-      for chunk in _chunks(todo, max(self.teacher.batch_size, 1)):
-        answers = self.teacher.complete([prompt_of[k] for k in chunk], self.sampling)
-        for key, answer in zip(chunk, answers, strict=True):
-          cache.add(key, answer)
-        summary.queried += len(chunk)
+      for i, answer in self.teacher.complete([prompt_of[k] for k in todo], self.sampling):
+        cache.add(todo[i], answer)
+        summary.queried += 1
         if progress is not None:
-          progress.update(
-              len(chunk),
-              sum(a.prompt_tokens for a in answers),
-              sum(a.completion_tokens for a in answers),
-          )
+          progress.update(1, answer.prompt_tokens, answer.completion_tokens)
     finally:
       cache.close()
     self._write([cache.answers[k] for k in keys], summary)
@@ -339,11 +333,6 @@ class Extraction:
     while storage.exists(stale := os.path.join(llm, f'{file_split}_CoT_{count}.json')):
       storage.resolve(stale).unlink()
       count += 1
-
-
-def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
-  for start in range(0, len(items), size):
-    yield items[start : start + size]
 
 
 def check_out(out: str, source: Source, data_root: Optional[str]) -> None:

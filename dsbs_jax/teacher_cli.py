@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
   add('--model', default=None, help="the server's model name")
   add('--api', default='completions', choices=teachers.APIS)
   add('--api_key_env', default=teachers.API_KEY_ENV, help='the variable holding the key')
-  add('--concurrency', type=int, default=8, help='requests in flight')
+  add('--concurrency', type=int, default=32, help='requests in flight: twice the server batch')
   add('--timeout', type=float, default=120.0, help='seconds per request')
   add('--max_retries', type=int, default=5, help='on 429, 5xx, timeouts; with backoff')
   add('--model_dir', default=None, help='a transformers causal LM (--backend=transformers)')

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import os
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional, Protocol
 
 from dsbs_jax.errors import ConfigError
@@ -71,12 +71,11 @@ class Teacher(Protocol):
     """What identifies the teacher's answers (backend, model); no secrets."""
     ...
 
-  def complete(self, prompts: Sequence[str], sampling: Sampling) -> list[Completions]:
-    ...
-
-  @property
-  def batch_size(self) -> int:
-    """How many prompts `complete` is best given at once."""
+  def complete(
+      self, prompts: Sequence[str], sampling: Sampling
+  ) -> Iterator[tuple[int, Completions]]:
+    """(index, completions) of each prompt as they arrive, in any order, so that a
+    failure later loses none of the answers before it."""
     ...
 
 
@@ -129,16 +128,19 @@ class OpenAITeacher:
         max_retries=max_retries,
     )
 
-  @property
-  def batch_size(self) -> int:
-    return self.concurrency
-
   def describe(self) -> dict[str, Any]:
     return {'backend': f'openai-{self.api}', 'model': self.model}
 
-  def complete(self, prompts: Sequence[str], sampling: Sampling) -> list[Completions]:
-    with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
-      return list(pool.map(lambda p: self._one(p, sampling), prompts))
+  def complete(
+      self, prompts: Sequence[str], sampling: Sampling
+  ) -> Iterator[tuple[int, Completions]]:
+    pool = concurrent.futures.ThreadPoolExecutor(self.concurrency)
+    try:
+      futures = {pool.submit(self._one, p, sampling): i for i, p in enumerate(prompts)}
+      for future in concurrent.futures.as_completed(futures):
+        yield futures[future], future.result()
+    finally:  # on an error or Ctrl-C, what is queued is dropped, not sent
+      pool.shutdown(wait=False, cancel_futures=True)
 
   def _one(self, prompt: str, sampling: Sampling) -> Completions:
     import openai
@@ -270,16 +272,17 @@ class TransformersTeacher:
   """A local causal LM, `batch_size` prompts per generate call."""
 
   def __init__(self, model_dir: str, batch_size: int = 8, device: str = 'cpu'):
-    self.model_dir = model_dir
-    self._batch_size = batch_size
+    if batch_size < 1:
+      raise ConfigError(f'--batch_size {batch_size}: must be at least 1')
+    self.model_dir, self.batch_size = model_dir, batch_size
     self.lm = CausalLM(model_dir, device)
-
-  @property
-  def batch_size(self) -> int:
-    return self._batch_size
 
   def describe(self) -> dict[str, Any]:
     return {'backend': 'transformers', 'model': os.path.abspath(self.model_dir)}
 
-  def complete(self, prompts: Sequence[str], sampling: Sampling) -> list[Completions]:
-    return self.lm.generate(prompts, sampling)
+  def complete(
+      self, prompts: Sequence[str], sampling: Sampling
+  ) -> Iterator[tuple[int, Completions]]:
+    for start in range(0, len(prompts), self.batch_size):
+      answers = self.lm.generate(prompts[start : start + self.batch_size], sampling)
+      yield from enumerate(answers, start)
