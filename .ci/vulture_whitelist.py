@@ -36,3 +36,4 @@ server.create_app.authorize
 teachers.CausalLM.tokenizer.padding_side  # transformers' tokenizer reads it
 teacher_cli.console_main  # pyproject.toml: dsbs-teacher
 server.console_main  # pyproject.toml: dsbs-serve
+server.create_app.failed

@@ -29,7 +29,7 @@ from typing import Any, Optional, Protocol
 
 from dsbs_jax import prompts as prompts_lib
 from dsbs_jax import storage, teachers
-from dsbs_jax.data import benchmarks, custom, metrics
+from dsbs_jax.data import benchmarks, custom, metrics, tasks
 from dsbs_jax.errors import ConfigError, DataError
 
 log = logging.getLogger('dsbs_jax')
@@ -158,12 +158,13 @@ def degenerate(rationale: str) -> bool:
 @dataclasses.dataclass
 class Summary:
   inputs: int = 0
+  from_cache: int = 0
   samples: int = 0
   parsed: int = 0
   unparsed: int = 0
   degenerate_dropped: int = 0
   gold_mismatch_dropped: int = 0
-  rows_written: int = 0  # to <split>.jsonl: parsed samples that passed the filters
+  rows_written: int = 0  # to <split>.jsonl: train's parsed samples that passed the filters
   layout_rows: Optional[int] = None  # to the authors' layout, which keeps unparsed ones
   queried: int = 0
   prompt_tokens: int = 0
@@ -176,7 +177,7 @@ class Summary:
         if self.teacher_accuracy is None
         else f'{self.teacher_accuracy:.1f}% against gold'
     )
-    cached = self.inputs - self.queried
+    cached = self.from_cache
     layout = '' if self.layout_rows is None else f", {self.layout_rows} (authors' layout)"
     return [
         (
@@ -244,27 +245,57 @@ class Extraction:
   def task_dir(self) -> str:
     return os.path.join(self.out, self.source.task)
 
+  def __post_init__(self):
+    training = self.source.split == 'train'
+    if not training and (self.filters.gold_match or self.filters.drop_degenerate):
+      raise ConfigError(
+          f'--split {self.source.split}: filters would bias evaluation; they apply to train only'
+      )
+    if not training and self.sampling.n > 1:
+      raise ConfigError(f'--num_samples {self.sampling.n}: several samples are for train only')
+    if self.filters.gold_match and all(g is None for g in self.source.gold):
+      raise ConfigError('--filter_gold_match: these inputs have no gold labels')
+
   def run(self, progress: Optional[Progress] = None) -> Summary:
     """Answers every input (from the cache or the teacher), then writes the files."""
     rendered = [self.prompt.render(text) for text in self.source.inputs]
     teacher_id = self.teacher.describe()
     keys = [cache_key(p, teacher_id, self.sampling) for p in rendered]
     cache = AnswerCache(os.path.join(self.task_dir, 'teacher_cache', f'{self.source.split}.jsonl'))
-    summary = Summary(inputs=len(keys))
+    summary = Summary(inputs=len(keys), from_cache=sum(k in cache.answers for k in keys))
     try:
-      todo = list(dict.fromkeys(k for k in keys if k not in cache.answers))
-      prompt_of = dict(zip(keys, rendered, strict=True))
-      if progress is not None:
-        progress.start(len(todo), len(keys) - len(todo))
+      self._query(keys, rendered, cache, summary, progress)
+    finally:
+      cache.close()
+    self._write([cache.answers[k] for k in keys], summary)
+    return summary
+
+  def _query(
+      self,
+      keys: list[str],
+      rendered: list[str],
+      cache: AnswerCache,
+      summary: Summary,
+      progress: Optional[Progress],
+  ) -> None:
+    """Asks the teacher each prompt the cache lacks, once, caching each answer as it comes."""
+    todo = list(dict.fromkeys(k for k in keys if k not in cache.answers))
+    prompt_of = dict(zip(keys, rendered, strict=True))
+    if progress is not None:
+      progress.start(len(todo), summary.from_cache)
+    try:
       for i, answer in self.teacher.complete([prompt_of[k] for k in todo], self.sampling):
         cache.add(todo[i], answer)
         summary.queried += 1
         if progress is not None:
           progress.update(1, answer.prompt_tokens, answer.completion_tokens)
-    finally:
-      cache.close()
-    self._write([cache.answers[k] for k in keys], summary)
-    return summary
+    except teachers.TeacherError as e:
+      if e.index is None:
+        raise
+      row = keys.index(todo[e.index])
+      raise teachers.TeacherError(
+          f'{self.source.task}/{self.source.split} input {row}: {e}'
+      ) from None
 
   def _write(self, answers: list[teachers.Completions], summary: Summary) -> None:
     parse = parser_for(self.source.task, self.prompt, self.custom_prompt)
@@ -290,17 +321,12 @@ class Extraction:
           continue
         kept_rows.append(self.source.rows[i])
         raw_texts.append(text)
-        if not parsed:  # no teacher label to learn; the authors' layout keeps it blank
-          continue
-        jsonl.append(
-            {
-                'input': self.source.inputs[i],
-                **({'label': gold} if gold is not None else {}),
-                'teacher_label': label.strip(),
-                'rationale': rationale.strip(),
-                'raw': text,
-            }
-        )
+        row = {'input': self.source.inputs[i], **({'label': gold} if gold is not None else {})}
+        if parsed:
+          row.update(teacher_label=label.strip(), rationale=rationale.strip(), raw=text)
+        elif self.source.split == 'train':  # no teacher label to learn (the authors' layout
+          continue  # keeps it blank); evaluation keeps every row, scored against gold
+        jsonl.append(row)
     summary.rows_written = len(jsonl)
     summary.layout_rows = len(kept_rows) if self.source.benchmark is not None else None
     if judged:
@@ -335,8 +361,13 @@ class Extraction:
       count += 1
 
 
-def check_out(out: str, source: Source, data_root: Optional[str]) -> None:
+def check_out(
+    out: str, source: Source, data_root: Optional[str], input_file: Optional[str] = None
+) -> None:
   """Refuses to write over the released data, and proves `out` writable."""
+  written = os.path.join(out, source.task, f'{source.split}.jsonl')
+  if input_file is not None and storage.resolve(input_file) == storage.resolve(written):
+    raise ConfigError(f'--input_file {input_file}: is where the output goes; choose another --out')
   if source.benchmark is not None:
     root = benchmarks.resolve_root(data_root)
     if os.fspath(storage.resolve(root)) == os.fspath(storage.resolve(out)):
@@ -383,14 +414,16 @@ def _byte_length(texts: Iterator[str], prefix: str = '') -> int:
   return -(-longest // 64) * 64
 
 
-def task_gin(out: str, task: str, metric: str) -> str:
+def task_gin(out: str, task: str, metric: str) -> Optional[str]:
   """A gin/tasks-style file registering `<out>/<task>/<split>.jsonl` as the family
   `<task>_teacher`, trained on the teacher's labels, with feature lengths that
-  truncate nothing."""
+  truncate nothing; None until both train and test are there."""
   files = {s: os.path.join(out, task, f'{s}.jsonl') for s in SPLITS}
   files = {s: p for s, p in files.items() if storage.exists(p)}
+  if not {'train', 'test'} <= set(files):
+    return None
   rows = [row for p in files.values() for _, row in benchmarks.read_jsonl(p)]
-  inputs = _byte_length((r['input'] for r in rows), prefix='explain: ')
+  inputs = _byte_length((r['input'] for r in rows), prefix=tasks.RATIONALE_PREFIX)
   targets = _byte_length(
       text
       for r in rows
@@ -439,6 +472,8 @@ def source_for(
     )
   if not source.inputs:
     raise DataError(f'{task}/{split}: no inputs')
+  if limit is not None and limit < 1:
+    raise ConfigError(f'--limit {limit}: must be at least 1')
   if limit is not None:
     source = dataclasses.replace(
         source,

@@ -27,13 +27,14 @@ import re
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from dsbs_jax import storage
-from dsbs_jax.data import benchmarks
+from dsbs_jax import storage, teachers
+from dsbs_jax.data import benchmarks, tasks
 from dsbs_jax.errors import DataError
 
 ZERO_SHOT_TRIGGER = "Let's think step by step."
-# The separator tasks put between an NLI premise and hypothesis (data.tasks.SEPARATOR).
-_NLI_SEPARATOR = '</s>'
+_FIELD = re.compile(r'\{[a-z]+\}')
+# Between an NLI premise and hypothesis in a task's input.
+_NLI_SEPARATOR = tasks.SEPARATOR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +91,7 @@ class Prompt:
   def parse(self, completion: str) -> tuple[str, str, bool]:
     """(rationale, answer, parsed) from a completion in this prompt's answer format:
     the text up to the first stop, matched against `answer` with its fields free."""
-    for stop in self.stop:
-      completion = completion.split(stop)[0]
+    completion = teachers.cut_at_stop(completion, self.stop)
     before, _, after = self.answer.partition('{rationale}')
     middle, _, tail = after.partition('{answer}')
     pattern = (
@@ -258,8 +258,12 @@ def load(path: str) -> Prompt:
   if not isinstance(spec, dict):
     raise DataError(f'{path}: expected a JSON object with question, answer, stop, exemplars')
   question, answer = _strings(spec, ('question', 'answer'), path)
-  if '{input}' not in question:
-    raise DataError(f"{path}: field 'question' must contain {{input}}")
+  if '{input}' not in question and not {'{premise}', '{hypothesis}'} <= set(
+      _FIELD.findall(question)
+  ):
+    raise DataError(
+        f"{path}: field 'question' must contain {{input}} (or {{premise}} and {{hypothesis}})"
+    )
   for field in ('{rationale}', '{answer}'):
     if field not in answer:
       raise DataError(f"{path}: field 'answer' must contain {field}")
@@ -269,7 +273,7 @@ def load(path: str) -> Prompt:
   exemplars = spec.get('exemplars', [])
   if not isinstance(exemplars, list):
     raise DataError(f"{path}: field 'exemplars' must be a list")
-  return Prompt(
+  prompt = Prompt(
       question=question,
       answer=answer,
       stop=tuple(stop),
@@ -285,6 +289,15 @@ def load(path: str) -> Prompt:
       ),
       instruction=_strings(spec, ('instruction',), path)[0] if 'instruction' in spec else '',
   )
+  try:  # a literal brace or an unknown {field} in the templates
+    prompt.render('a' + _NLI_SEPARATOR + 'b')
+    prompt.parse('')
+  except (KeyError, IndexError, ValueError) as e:
+    raise DataError(
+        f'{path}: the templates may use only {{input}} (or {{premise}}, {{hypothesis}}), '
+        f'{{rationale}} and {{answer}}; write a literal brace as {{{{ or }}}} ({e!r})'
+    ) from None
+  return prompt
 
 
 def resolve(
@@ -304,6 +317,8 @@ def resolve(
         f'--task {task}: no built-in prompt (they are {", ".join(sorted(PROMPTS))}); '
         'write one and pass --prompt_file'
     )
+  if exemplars_file is not None and zero_shot:
+    raise DataError('--exemplars and --zero_shot: a zero-shot prompt has no exemplars; choose one')
   if exemplars_file is not None:
     prompt = dataclasses.replace(prompt, exemplars=read_exemplars(exemplars_file))
   if zero_shot:

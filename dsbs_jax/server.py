@@ -105,34 +105,29 @@ class App:
     except ConfigError as e:
       raise serving.RequestError(str(e).replace('--num_samples', 'n')) from None
 
-  async def answer(self, request: Any, text: str) -> list[dict[str, Any]]:
-    """Choices for one request: the label (and rationale) or the LM's samples."""
+  async def answer(self, request: Any, text: str) -> tuple[list[dict[str, Any]], tuple[int, int]]:
+    """Choices for one request, the label (and rationale) or the LM's samples, and
+    the (prompt, completion) tokens they took."""
     sampling = self._sampling(request)
     if isinstance(self.model, serving.CausalLM):
       self.model.check(text, sampling)
       out = await asyncio.wrap_future(self.batcher.submit(text, sampling))
-      return [
-          {'text': t, 'finish_reason': 'stop', 'usage': (out.prompt_tokens, out.completion_tokens)}
-          for t in out.texts
-      ]
+      choices = [{'text': t, 'finish_reason': 'stop'} for t in out.texts]
+      return choices, (out.prompt_tokens, out.completion_tokens)
     limit = request.max_completion_tokens or request.max_tokens
     rows = [self.model.prepare(text, False, limit)]
     if request.explain:
       rows.append(self.model.prepare(text, True, limit))
     answers = await asyncio.gather(*(asyncio.wrap_future(self.batcher.submit(r)) for r in rows))
     label = answers[0]
-    choice = {
-        'text': label.text,
-        'finish_reason': label.finish_reason,
-        'usage': (label.prompt_tokens, sum(a.completion_tokens for a in answers)),
-    }
+    choice = {'text': label.text, 'finish_reason': label.finish_reason}
     if request.explain:
       choice['reasoning_content'] = answers[1].text
     if label.truncated_from is not None:
       choice['warning'] = (
           f'input truncated from {label.truncated_from} to {self.model.max_input_length} tokens'
       )
-    return [choice]
+    return [choice], (label.prompt_tokens, sum(a.completion_tokens for a in answers))
 
   def authorized(self, header: Optional[str]) -> bool:
     if not self._api_key:
@@ -151,9 +146,10 @@ class App:
     }
 
 
-def _response(kind: str, name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-  prompt_tokens = choices[0]['usage'][0]
-  completion_tokens = sum(c['usage'][1] for c in choices)
+def _response(
+    kind: str, name: str, choices: list[dict[str, Any]], usage: tuple[int, int]
+) -> dict[str, Any]:
+  prompt_tokens, completion_tokens = usage
   out_choices = []
   for i, c in enumerate(choices):
     if kind == 'chat':
@@ -202,6 +198,11 @@ def create_app(app: App) -> Any:
         exc.status_code, str(exc.detail), 'not_found' if exc.status_code == 404 else 'error'
     )
 
+  @api.exception_handler(Exception)
+  async def failed(request: Request, exc: Exception):
+    log.exception('dsbs-serve: a request failed')
+    return _error(500, f'the model failed: {type(exc).__name__}', 'server_error')
+
   @api.middleware('http')
   async def authorize(request: Request, call_next):
     if request.url.path.startswith('/v1/') and not app.authorized(
@@ -218,15 +219,15 @@ def create_app(app: App) -> Any:
     if request.stream:
       return _error(400, 'stream: streaming is not supported; set stream=false')
     try:
-      choices = await app.answer(request, text)
+      choices, usage = await app.answer(request, text)
     except serving.RequestError as e:
       return _error(400, str(e))
-    return _response(kind, app.name, choices)
+    return _response(kind, app.name, choices, usage)
 
   @api.post('/v1/chat/completions')
   async def chat(request: ChatRequest):
-    if request.messages[-1].role != 'user':
-      return _error(400, "messages: the last message must be the user's")
+    if len(request.messages) != 1 or request.messages[0].role != 'user':
+      return _error(400, 'messages: send one user message (the input); no system or history')
     return await complete('chat', request, request.messages[-1].content)
 
   @api.post('/v1/completions')

@@ -5,7 +5,8 @@ that gathers concurrent requests into those batches.
 and on request `explain:` (the rationale), jitted once per shape bucket: a
 batch is padded to the next power of two rows (up to `max_batch`) and its
 inputs to the next multiple of 64 tokens (up to `max_input_length`), so a
-server compiles at most a few shapes, however requests vary. `CausalLM`
+server compiles one program per (rows, width) bucket it meets, however requests vary:
+at most (log2(max_batch) + 1) x (max_input_length / 64). `CausalLM`
 serves a transformers causal LM (e.g. a teacher) with sampling.
 """
 
@@ -29,7 +30,6 @@ from dsbs_jax.errors import ConfigError
 
 log = logging.getLogger('dsbs_jax')
 OVERLONG = ('refuse', 'truncate')
-LABEL_PREFIX, RATIONALE_PREFIX, SEPARATOR = 'predict: ', 'explain: ', '</s>'
 
 
 class RequestError(ValueError):
@@ -74,6 +74,10 @@ class Student:
     import jax
 
     from dsbs_jax import decoding, models, network
+    from dsbs_jax.data import tasks
+
+    self._prefixes = {False: tasks.LABEL_PREFIX, True: tasks.RATIONALE_PREFIX}
+    self._separator = tasks.SEPARATOR
 
     if overlong not in OVERLONG:
       raise ConfigError(f'--overlong {overlong}: choose {" or ".join(OVERLONG)}')
@@ -96,14 +100,14 @@ class Student:
     """`text`'s ids, each literal `</s>` the EOS id (as the tasks encode NLI pairs), then EOS."""
     eos = self.vocabulary.eos_id
     ids: list[int] = []
-    for i, part in enumerate(text.split(SEPARATOR)):
+    for i, part in enumerate(text.split(self._separator)):
       ids += ([eos] if i else []) + list(self.vocabulary.encode(part))
     return [*ids, eos]
 
   def prepare(self, text: str, explain: bool, max_tokens: Optional[int]) -> Prepared:
     """One request's row, checked before it joins a batch: an overlong input is
     refused (`RequestError`) or truncated, as `overlong` says."""
-    ids = self._encode((RATIONALE_PREFIX if explain else LABEL_PREFIX) + text)
+    ids = self._encode(self._prefixes[explain] + text)
     if len(ids) <= self.max_input_length:
       return Prepared(ids, max_tokens)
     if self.overlong == 'refuse':
@@ -270,12 +274,16 @@ class Batcher:
       by_key: dict[Hashable, list[_Item]] = {}
       for item in batch:
         by_key.setdefault(item.key, []).append(item)
-      for key, items in by_key.items():
+      for key, group in by_key.items():
+        # A request whose client went away was cancelled; the rest cannot be any more.
+        items = [item for item in group if item.future.set_running_or_notify_cancel()]
+        if not items:
+          continue
         self.batches += 1
         self.items += len(items)
         try:
           results = self._run([item.payload for item in items], key)
-        except Exception as e:  # handed to each request's handler, which answers for it
+        except Exception as e:  # handed to each request's handler, which answers for it (500)
           for item in items:
             item.future.set_exception(e)
           continue

@@ -24,6 +24,21 @@ from dsbs_jax.data import benchmarks, custom
 from dsbs_jax.errors import ConfigError
 
 BACKENDS = ('openai', 'transformers')
+# Flags only one backend, or only --input_file, reads, with their defaults: given
+# where nothing reads them, they are refused.
+_SCOPED: dict[str, dict[str, Any]] = {
+    '--backend=openai': {
+        'base_url': None,
+        'model': None,
+        'api': 'completions',
+        'api_key_env': teachers.API_KEY_ENV,
+        'concurrency': 32,
+        'timeout': 120.0,
+        'max_retries': 5,
+    },
+    '--backend=transformers': {'model_dir': None, 'batch_size': 8, 'device': 'cpu'},
+    '--input_file': {'input_field': 'input', 'label_field': 'label', 'metric': 'accuracy'},
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,21 +53,21 @@ def _parser() -> argparse.ArgumentParser:
       help=f"the benchmarks' root (default ${benchmarks.DATA_ROOT_ENV})",
   )
   add('--input_file', default=None, help="your task's inputs: JSON lines or CSV")
-  add('--input_field', default='input')
-  add('--label_field', default='label', help="--input_file's gold label column ('' for none)")
-  add('--metric', default='accuracy', choices=sorted(custom.METRICS), help='for --input_file')
+  add('--input_field', default=None)
+  add('--label_field', default=None, help="--input_file's gold label column ('' for none)")
+  add('--metric', default=None, choices=sorted(custom.METRICS))
   add('--limit', type=int, default=None, help='only the first N inputs')
   add('--backend', default='openai', choices=BACKENDS)
   add('--base_url', default=None, help='an OpenAI-compatible server, e.g. http://host:8000/v1')
   add('--model', default=None, help="the server's model name")
-  add('--api', default='completions', choices=teachers.APIS)
-  add('--api_key_env', default=teachers.API_KEY_ENV, help='the variable holding the key')
-  add('--concurrency', type=int, default=32, help='requests in flight: twice the server batch')
-  add('--timeout', type=float, default=120.0, help='seconds per request')
-  add('--max_retries', type=int, default=5, help='on 429, 5xx, timeouts; with backoff')
+  add('--api', default=None, choices=teachers.APIS)
+  add('--api_key_env', default=None, help='the variable holding the key')
+  add('--concurrency', type=int, default=None, help='requests in flight: twice the server batch')
+  add('--timeout', type=float, default=None, help='seconds per request')
+  add('--max_retries', type=int, default=None, help='on 429, 5xx, timeouts; with backoff')
   add('--model_dir', default=None, help='a transformers causal LM (--backend=transformers)')
-  add('--batch_size', type=int, default=8, help='prompts per generate (--backend=transformers)')
-  add('--device', default='cpu')
+  add('--batch_size', type=int, default=None, help='prompts per generate (--backend=transformers)')
+  add('--device', default=None)
   add('--prompt_file', default=None, help='a JSON prompt for your task (prompts.load)')
   add('--exemplars', default=None, help='JSON lines (input, rationale, answer) replacing ours')
   add('--zero_shot', action='store_true', help='no exemplars: "Let\'s think step by step."')
@@ -63,7 +78,29 @@ def _parser() -> argparse.ArgumentParser:
   add('--seed', type=int, default=0)
   add('--filter_gold_match', action='store_true', help="keep samples whose label is gold's")
   add('--drop_degenerate', action='store_true', help='drop empty or looping rationales')
+  defaults = {
+      f'--{flag}': (scope, d) for scope, flags in _SCOPED.items() for flag, d in flags.items()
+  }
+  for action in p._actions:
+    if action.option_strings and action.option_strings[0] in defaults:
+      scope, default = defaults[action.option_strings[0]]
+      action.help = f'{action.help or ""} ({scope}; default {default})'.lstrip()
   return p
+
+
+def _scoped_flags(args: argparse.Namespace) -> None:
+  """Fills in the defaults of the flags that apply; refuses those that do not."""
+  for scope, flags in _SCOPED.items():
+    active = (
+        args.input_file is not None
+        if scope == '--input_file'
+        else scope == f'--backend={args.backend}'
+    )
+    for flag, default in flags.items():
+      if getattr(args, flag) is None:
+        setattr(args, flag, default)
+      elif not active:
+        raise ConfigError(f'--{flag}: only read with {scope}')
 
 
 def _teacher(args: argparse.Namespace) -> teachers.Teacher:
@@ -123,6 +160,12 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+  _scoped_flags(args)
+  if args.prompt_file is not None and args.task in benchmarks.BENCHMARKS:
+    raise ConfigError(
+        f"--prompt_file with --task={args.task}: its files are read with the authors' parser; "
+        'keep the answer format and give your exemplars with --exemplars'
+    )
   source = extraction.source_for(
       args.task,
       args.split,
@@ -136,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
   sampling = teachers.Sampling(
       args.temperature, args.num_samples, args.max_tokens, prompt.stop, args.top_p, args.seed
   )
-  extraction.check_out(args.out, source, args.data_root)
+  extraction.check_out(args.out, source, args.data_root, args.input_file)
   job = extraction.Extraction(
       source,
       _teacher(args),
@@ -158,8 +201,10 @@ def run(args: argparse.Namespace) -> int:
         f'dsbs-teacher: interrupted; the answers so far are kept in {job.task_dir}/'
         'teacher_cache; the same command resumes',
         file=sys.stderr,
+        flush=True,
     )
-    return 130
+    # The cache is closed; requests still in flight would only hold the exit up.
+    os._exit(130)
   except teachers.TeacherError as e:
     progress.close()
     raise teachers.TeacherError(f'{e}; the answers so far are kept, and a rerun resumes') from None
@@ -180,6 +225,12 @@ def _finish(args: argparse.Namespace, source: extraction.Source, summary: extrac
     extraction.write_demo_eval_splits(args.out, source)
   metric = 'equation_accuracy' if source.task == 'demo' else args.metric
   gin_file = extraction.task_gin(args.out, source.task, metric)
+  if gin_file is None:
+    print(
+        f'dsbs-teacher: wrote {written}/; training needs a test split there too: run '
+        'again with --split=test and your test file, then train with its task.gin'
+    )
+    return
   print(f'dsbs-teacher: wrote {written}/; train on it with --gin_file={gin_file}')
 
 

@@ -27,7 +27,12 @@ APIS = ('completions', 'chat')
 
 
 class TeacherError(ConfigError):
-  """The teacher cannot answer (unreachable, refused, malformed); one line for the user."""
+  """The teacher cannot answer (unreachable, refused, malformed); one line for the user.
+  `index`: the prompt it could not answer, where known."""
+
+  def __init__(self, message: str, index: Optional[int] = None):
+    super().__init__(message)
+    self.index = index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +52,8 @@ class Sampling:
       raise ConfigError(f'--num_samples {self.n}: must be at least 1')
     if self.temperature < 0:
       raise ConfigError(f'--temperature {self.temperature}: must be >= 0')
+    if not 0 < self.top_p <= 1:
+      raise ConfigError(f'--top_p {self.top_p}: must be in (0, 1]')
     if self.n > 1 and self.temperature == 0:
       raise ConfigError(
           f'--num_samples {self.n} with --temperature 0 would repeat one greedy '
@@ -119,7 +126,9 @@ class OpenAITeacher:
       raise ConfigError(f'--api {api}: choose {" or ".join(APIS)}')
     if concurrency < 1:
       raise ConfigError(f'--concurrency {concurrency}: must be at least 1')
-    self.model, self.api, self.concurrency = model, api, concurrency
+    if timeout <= 0 or max_retries < 0:
+      raise ConfigError(f'--timeout {timeout} must be > 0 and --max_retries {max_retries} >= 0')
+    self.model, self.api, self.concurrency, self.api_key_env = model, api, concurrency, api_key_env
     self.url = redact_url(base_url)
     self._client = openai.OpenAI(
         base_url=base_url,
@@ -138,7 +147,10 @@ class OpenAITeacher:
     try:
       futures = {pool.submit(self._one, p, sampling): i for i, p in enumerate(prompts)}
       for future in concurrent.futures.as_completed(futures):
-        yield futures[future], future.result()
+        try:
+          yield futures[future], future.result()
+        except TeacherError as e:
+          raise TeacherError(str(e), futures[future]) from None
     finally:  # on an error or Ctrl-C, what is queued is dropped, not sent
       pool.shutdown(wait=False, cancel_futures=True)
 
@@ -165,7 +177,7 @@ class OpenAITeacher:
         texts = [choice.text for choice in response.choices]
     except openai.AuthenticationError:
       raise TeacherError(
-          f'{self.url}: the server refused the API key (401); check the key in ${API_KEY_ENV}'
+          f'{self.url}: the server refused the API key (401); check the key in ${self.api_key_env}'
       ) from None
     except openai.APIStatusError as e:
       raise TeacherError(f'{self.url}: HTTP {e.status_code}: {_message(e)}') from None
@@ -234,8 +246,9 @@ class CausalLM:
       for i, length in enumerate(lengths):
         if length + sampling.max_tokens > self.context:
           raise TeacherError(
-              f'prompt {i} is {length} tokens; with max_tokens={sampling.max_tokens} it '
-              f'exceeds the model context of {self.context} (use fewer exemplars or --max_tokens)'
+              f'the prompt is {length} tokens; with max_tokens={sampling.max_tokens} it exceeds '
+              f'the model context of {self.context} (use fewer exemplars or --max_tokens)',
+              i,
           )
     sample = sampling.temperature > 0
     if sampling.seed is not None:
@@ -284,5 +297,8 @@ class TransformersTeacher:
       self, prompts: Sequence[str], sampling: Sampling
   ) -> Iterator[tuple[int, Completions]]:
     for start in range(0, len(prompts), self.batch_size):
-      answers = self.lm.generate(prompts[start : start + self.batch_size], sampling)
+      try:
+        answers = self.lm.generate(prompts[start : start + self.batch_size], sampling)
+      except TeacherError as e:
+        raise TeacherError(str(e), start + (e.index or 0)) from None
       yield from enumerate(answers, start)

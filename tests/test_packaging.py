@@ -107,3 +107,5 @@ def test_a_wheel_installed_elsewhere_ships_its_configs_and_trains(tmp_path):
   )
   assert plan.returncode == 0, plan.stderr
   assert 'per device: params' in plan.stdout
+  # The teacher and serving commands ship as console scripts.
+  assert (venv / 'bin' / 'dsbs-teacher').exists() and (venv / 'bin' / 'dsbs-serve').exists()

@@ -423,3 +423,61 @@ def test_the_written_task_gin_trains_on_teacher_labels_and_scores_on_gold(tmp_pa
 
   assert set(targets('train').values()) <= {f't{i}' for i in range(20)}
   assert targets('test') == {f'predict: x{i}': f'gold{i}' for i in range(5)}
+
+
+def test_a_served_causal_lm_samples_n_completions(lm_url):
+  import openai
+
+  client = openai.OpenAI(base_url=lm_url, api_key='unused', max_retries=0)
+  response = client.completions.create(
+      model='tiny', prompt='Q: 1 + 1?\nA:', n=3, temperature=1.0, max_tokens=4, seed=1
+  )
+  assert len(response.choices) == 3 and response.usage.completion_tokens <= 12
+  again = client.completions.create(
+      model='tiny', prompt='Q: 1 + 1?\nA:', n=3, temperature=1.0, max_tokens=4, seed=1
+  )
+  assert [c.text for c in again.choices] == [c.text for c in response.choices]  # seeded
+  with pytest.raises(openai.BadRequestError, match='"explain" is for a dsbs-jax student'):
+    client.completions.create(model='tiny', prompt='x', extra_body={'explain': True})
+
+
+@pytest.mark.parametrize(
+    'extra, message',
+    [
+        (['--model_dir=/x'], '--model_dir: only read with --backend=transformers'),
+        (['--metric=equation_accuracy'], '--metric: only read with --input_file'),
+        (['--backend=transformers'], '--base_url: only read with --backend=openai'),
+        (['--exemplars=e.jsonl', '--zero_shot'], '--exemplars and --zero_shot'),
+        (['--limit=0'], '--limit 0: must be at least 1'),
+        (['--split=test', '--filter_gold_match'], 'filters would bias evaluation'),
+        (['--top_p=0'], '--top_p 0.0: must be in (0, 1]'),
+        (['--timeout=0'], '--timeout 0.0 must be > 0'),
+    ],
+)
+def test_settings_nothing_reads_or_that_cannot_work_are_refused(tmp_path, capsys, extra, message):
+  args = ['--task=demo', f'--out={tmp_path}', '--base_url=http://127.0.0.1:9/v1', '--model=m']
+  assert teacher_cli.main([*args, *extra]) == 2
+  assert message in _one_error_line(capsys)
+  assert not (tmp_path / 'demo').exists()  # refused before anything is asked or written
+
+
+def test_a_prompt_file_is_refused_for_the_authors_layout(tmp_path, capsys, data_root):
+  args = ['--task=svamp', f'--data_root={data_root}', f'--out={tmp_path}', '--prompt_file=p.json']
+  assert teacher_cli.main([*args, '--base_url=http://127.0.0.1:9/v1', '--model=m']) == 2
+  assert "read with the authors' parser" in _one_error_line(capsys)
+
+
+def test_the_batcher_survives_requests_cancelled_by_their_clients():
+  started = threading.Event()
+
+  def run(payloads, key):
+    started.wait(5)
+    return [p * 2 for p in payloads]
+
+  batcher = serving.Batcher(run, max_batch=1, wait_ms=0)
+  first = batcher.submit(1)  # the batcher holds it until `started`
+  gone = batcher.submit(2)
+  assert gone.cancel()  # its client disconnected while it queued
+  started.set()
+  assert first.result(5) == 2
+  assert batcher.submit(3).result(5) == 6 and batcher.items == 2
