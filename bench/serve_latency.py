@@ -1,9 +1,9 @@
 """dsbs-serve under concurrent load: latency (p50/p99) and throughput, batching on and off.
 
-Starts `dsbs-serve` in a child process for each mode (`--max_batch` 16, then 1),
-sends the demo's test inputs from `--clients` threads through the openai
-client, each thread one request at a time, once to compile the shape buckets
-and once timed. Prints one JSON object.
+Starts `dsbs-serve --precompile` in a child process for each mode (`--max_batch`
+16, then 1), sends the demo's test inputs from `--clients` threads through the
+openai client, each thread one request at a time, once to warm up and once
+timed. Prints one JSON object.
 
     python bench/serve_latency.py --model=model_dirs/demo
 """
@@ -31,6 +31,7 @@ def parse_args(argv=None):
   p.add_argument('--explain', action='store_true', help='ask for the rationale too')
   p.add_argument('--batch_sizes', default='16,1', help='--max_batch of each mode; 1 is off')
   p.add_argument('--serve_args', default='', help='more dsbs-serve flags, e.g. --vocabulary=bytes')
+  p.add_argument('--model_alone', action='store_true', help='also: rows/s of the model by batch')
   return p.parse_args(argv)
 
 
@@ -86,7 +87,12 @@ def _percentile(values: list[float], q: float) -> float:
 
 def measure(args, max_batch: int, texts: list[str]) -> dict:
   port = _free_port()
-  argv = [f'--model={args.model}', f'--max_batch={max_batch}', *args.serve_args.split()]
+  argv = [
+      f'--model={args.model}',
+      f'--max_batch={max_batch}',
+      '--precompile',
+      *args.serve_args.split(),
+  ]
   child = start_server(argv, port)
   try:
     _load(port, texts, args.clients, args.explain)  # compiles the buckets this load uses
@@ -111,6 +117,24 @@ def measure(args, max_batch: int, texts: list[str]) -> dict:
   }
 
 
+def model_alone(args, texts: list[str]) -> dict[str, float]:
+  """Rows/s of the student decoding the texts in batches of 1, 2, ... 16, in this
+  process (no HTTP, no batcher): what batching can bring on this hardware."""
+  from dsbs_jax import serving
+
+  student = serving.load_student(args.model, max_batch=16)
+  rows = [student.prepare(t, args.explain, None) for t in texts]
+  rates = {}
+  for size in student.batch_sizes:
+    for start in range(0, len(rows), size):  # compiles this size's buckets
+      student.answer(rows[start : start + size])
+    begin = time.perf_counter()
+    for start in range(0, len(rows), size):
+      student.answer(rows[start : start + size])
+    rates[str(size)] = round(len(rows) / (time.perf_counter() - begin), 1)
+  return rates
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
   from dsbs_jax.data import demo
@@ -124,6 +148,8 @@ def main(argv=None) -> None:
       'cpus': os.cpu_count(),
       'modes': [measure(args, int(b), texts) for b in args.batch_sizes.split(',')],
   }
+  if args.model_alone:
+    result['model_alone_rows_per_s_by_batch'] = model_alone(args, texts)
   print(json.dumps(result, indent=2))
 
 

@@ -118,7 +118,10 @@ class App:
     rows = [self.model.prepare(text, False, limit)]
     if request.explain:
       rows.append(self.model.prepare(text, True, limit))
-    answers = await asyncio.gather(*(asyncio.wrap_future(self.batcher.submit(r)) for r in rows))
+    # Labels and rationales batch apart: a label's few tokens would wait on a rationale's many.
+    answers = await asyncio.gather(
+        *(asyncio.wrap_future(self.batcher.submit(r, explain)) for explain, r in enumerate(rows))
+    )
     label = answers[0]
     choice = {'text': label.text, 'finish_reason': label.finish_reason}
     if request.explain:
@@ -273,6 +276,7 @@ def _parser() -> argparse.ArgumentParser:
   add('--vocabulary', default=None, help="'bytes' or a SentencePiece .model (default: recorded)")
   add('--api_key_env', default=API_KEY_ENV, help='the variable holding the key clients must send')
   add('--device', default='cpu', help='for a causal LM')
+  add('--precompile', action='store_true', help="a student's every shape bucket, before serving")
   return p
 
 
@@ -287,9 +291,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.max_batch < 1:
       raise ConfigError(f'--max_batch {args.max_batch}: must be at least 1')
     name = args.name or os.path.basename(os.path.normpath(args.model))
-    app = App(
-        load(args), name, args.max_batch, args.batch_wait_ms, os.environ.get(args.api_key_env)
-    )
+    model = load(args)
+    if args.precompile:
+      if not isinstance(model, serving.Student):
+        raise ConfigError('--precompile: a causal LM compiles nothing ahead; drop it')
+      model.precompile()
+    app = App(model, name, args.max_batch, args.batch_wait_ms, os.environ.get(args.api_key_env))
     log.info('dsbs-serve: %s on http://%s:%d/v1', name, args.host, args.port)
     # log_config=None: uvicorn's loggers go to dsbs-jax's handlers, which it would replace.
     uvicorn.run(create_app(app), host=args.host, port=args.port, log_config=None)

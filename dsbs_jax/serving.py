@@ -119,6 +119,14 @@ class Student:
         [*ids[: self.max_input_length - 1], self.vocabulary.eos_id], max_tokens, len(ids)
     )
 
+  def precompile(self) -> None:
+    """Compiles every bucket now, so that no request waits on the compiler."""
+    for batch in self.batch_sizes:
+      for width in self.lengths:
+        log.info('compiling the decoder for %d rows x %d input tokens', batch, width)
+        self._predict(self.params, np.zeros((batch, width), np.int32)).block_until_ready()
+        self.compiled.add((batch, width))
+
   def answer(self, rows: Sequence[Prepared]) -> list[Answer]:
     """The rows decoded in one batch padded to its bucket."""
     batch = _bucket(len(rows), self.batch_sizes)

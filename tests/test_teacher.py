@@ -218,12 +218,15 @@ def test_benchmark_output_is_the_authors_layout_and_trains_unchanged(lm_url, dat
       benchmarks.BENCHMARKS['svamp'].parse(o).rationale for o in outputs
   ]
   assert report.total == 7
-  test_rows, _ = benchmarks.load_split(benchmarks.BENCHMARKS['svamp'], str(out), 'test')
+  test_rows, test_report = benchmarks.load_split(benchmarks.BENCHMARKS['svamp'], str(out), 'test')
+  assert test_report.summary() == (
+      'svamp/test: no teacher outputs (an evaluation split, scored against gold)'
+  )
   released_test = [
       json.loads(line) for line in (released / 'svamp_test.json').read_text().splitlines()
   ]
   assert [r['label_gt'] for r in test_rows] == [r['label'] for r in released_test]
-  assert {r['rationale'] for r in test_rows} == {' '}  # blank, as for unparsed outputs
+  assert {r['rationale'] for r in test_rows} == {''}  # no teacher outputs: blank
   with pytest.raises(extraction.ConfigError, match='is the data root'):
     extraction.check_out(
         data_root, extraction.benchmark_source('svamp', 'test', data_root), data_root

@@ -215,7 +215,7 @@ def test_paper_dataset_trains_from_its_gin_files(tmp_path, data_root, capsys):
 def test_missing_evaluation_data_stops_the_run_before_its_first_step(tmp_path, data_root, capsys):
   root = tmp_path / 'data'
   shutil.copytree(os.path.join(data_root, 'svamp'), root / 'svamp')
-  os.remove(root / 'svamp' / 'llm' / 'test_CoT_0.json')
+  os.remove(root / 'svamp' / 'svamp_test.json')
   model_dir = tmp_path / 'run'
   assert (
       cli(
@@ -232,8 +232,7 @@ def test_missing_evaluation_data_stops_the_run_before_its_first_step(tmp_path, d
   )
   captured = capsys.readouterr()
   assert captured.err.strip() == (
-      f'dsbs-train: error: {root}/svamp/llm/test_CoT_0.json: file not '
-      'found (the teacher outputs for this split)'
+      f'dsbs-train: error: {root}/svamp/svamp_test.json: file not found'
   )
   assert 'First step' not in captured.out and not (model_dir / 'checkpoints').exists()
 

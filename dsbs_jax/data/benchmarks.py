@@ -165,23 +165,29 @@ def load_split(
   if split != 'train' and not storage.exists(os.path.join(llm, f'{file_split}_CoT_0.json')):
     # Evaluation splits are scored against gold, so a teacher run that answered
     # only the training split (dsbs-teacher) leaves them without outputs.
-    log.info('%s: no teacher outputs; its rationales are blank', path)
-    outputs = [''] * len(raw)
-  else:
-    outputs = read_teacher_outputs(llm, file_split, benchmark.chunk_size)
+    rows = [
+        _row(benchmark, row, f'{path}:{n}', teacher.TeacherOutput('', '', False)) for n, row in raw
+    ]
+    return rows, teacher.report(f'{benchmark.name}/{file_split}', [])
+  outputs = read_teacher_outputs(llm, file_split, benchmark.chunk_size)
   if len(outputs) != len(raw):
     raise DataError(
         f'{path}: {len(raw)} rows but {len(outputs)} teacher outputs in '
         f'{directory}/llm/{file_split}_CoT_*.json; they must align one to one'
     )
   parsed = [benchmark.parse(o) for o in outputs]
-  rows = []
-  for (number, row), out in zip(raw, parsed, strict=True):
-    text, gold = benchmark.example(row, f'{path}:{number}')
-    rows.append(
-        {'input': text, 'label_gt': gold, 'label_llm': out.label, 'rationale': out.rationale}
-    )
+  rows = [
+      _row(benchmark, row, f'{path}:{number}', out)
+      for (number, row), out in zip(raw, parsed, strict=True)
+  ]
   return rows, teacher.report(f'{benchmark.name}/{file_split}', parsed)
+
+
+def _row(
+    benchmark: Benchmark, row: Mapping[str, Any], where: str, out: teacher.TeacherOutput
+) -> dict[str, str]:
+  text, gold = benchmark.example(row, where)
+  return {'input': text, 'label_gt': gold, 'label_llm': out.label, 'rationale': out.rationale}
 
 
 @functools.lru_cache(maxsize=32)

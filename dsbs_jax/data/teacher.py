@@ -83,6 +83,8 @@ class ParseReport:
   labels: Mapping[str, int]
 
   def summary(self) -> str:
+    if not self.total:
+      return f'{self.source}: no teacher outputs (an evaluation split, scored against gold)'
     common = ', '.join(f'{k!r}: {v}' for k, v in collections.Counter(self.labels).most_common(4))
     return (
         f'{self.source}: parsed {self.total - self.unparsed}/{self.total} teacher outputs, '
