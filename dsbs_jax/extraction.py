@@ -298,6 +298,25 @@ class Extraction:
       ) from None
 
   def _write(self, answers: list[teachers.Completions], summary: Summary) -> None:
+    """The JSON lines, the authors' layout (benchmarks) and the run's record."""
+    kept_rows, raw_texts, jsonl = self._select(answers, summary)
+    split = self.source.split
+    storage.write_atomic(
+        os.path.join(self.task_dir, f'{split}.jsonl'), ''.join(json.dumps(r) + '\n' for r in jsonl)
+    )
+    if self.source.benchmark is not None:
+      summary.layout_rows = len(kept_rows)
+      self._write_authors_layout(kept_rows, raw_texts)
+    record = {'settings': dict(self.settings), 'summary': dataclasses.asdict(summary)}
+    storage.write_atomic(
+        os.path.join(self.task_dir, f'teacher_{split}.json'), json.dumps(record, indent=2)
+    )
+
+  def _select(
+      self, answers: list[teachers.Completions], summary: Summary
+  ) -> tuple[list[dict[str, Any]], list[str], list[dict[str, Any]]]:
+    """Parses and filters every sample, counting in `summary`; returns the source rows
+    and raw texts the authors' layout keeps, and the JSON-lines rows."""
     parse = parser_for(self.source.task, self.prompt, self.custom_prompt)
     score = label_metric(self.source, self.metric)
     kept_rows, raw_texts, jsonl, judged = [], [], [], []
@@ -328,19 +347,9 @@ class Extraction:
           continue  # keeps it blank); evaluation keeps every row, scored against gold
         jsonl.append(row)
     summary.rows_written = len(jsonl)
-    summary.layout_rows = len(kept_rows) if self.source.benchmark is not None else None
     if judged:
       summary.teacher_accuracy = 100.0 * sum(judged) / len(judged)
-    split = self.source.split
-    storage.write_atomic(
-        os.path.join(self.task_dir, f'{split}.jsonl'), ''.join(json.dumps(r) + '\n' for r in jsonl)
-    )
-    if self.source.benchmark is not None:
-      self._write_authors_layout(kept_rows, raw_texts)
-    record = {'settings': dict(self.settings), 'summary': dataclasses.asdict(summary)}
-    storage.write_atomic(
-        os.path.join(self.task_dir, f'teacher_{split}.json'), json.dumps(record, indent=2)
-    )
+    return kept_rows, raw_texts, jsonl
 
   def _write_authors_layout(self, rows: list[dict[str, Any]], texts: list[str]) -> None:
     bench = self.source.benchmark
