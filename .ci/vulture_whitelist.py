@@ -34,6 +34,6 @@ server.create_app.invalid  # FastAPI calls the handlers its decorators register
 server.create_app.http_error
 server.create_app.authorize
 teachers.CausalLM.tokenizer.padding_side  # transformers' tokenizer reads it
-teacher_cli.console_main  # pyproject.toml: dsbs-teacher
-server.console_main  # pyproject.toml: dsbs-serve
+cli.teacher_console_main  # pyproject.toml: dsbs-teacher
+cli.serve_console_main  # pyproject.toml: dsbs-serve
 server.create_app.failed

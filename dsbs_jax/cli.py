@@ -350,6 +350,24 @@ def _define_experiment_flags():
   return fv
 
 
+def teacher_console_main() -> None:
+  """`dsbs-teacher`, with TensorFlow (its data readers import it) started quietly first."""
+  set_process_defaults()
+  start_tensorflow()
+  from dsbs_jax import teacher_cli
+
+  sys.exit(teacher_cli.main())
+
+
+def serve_console_main() -> None:
+  """`dsbs-serve`, with TensorFlow (its vocabularies import it) started quietly first."""
+  set_process_defaults()
+  start_tensorflow()
+  from dsbs_jax import server
+
+  sys.exit(server.main())
+
+
 def experiment_console_main() -> None:
   sys.exit(experiment_main())
 

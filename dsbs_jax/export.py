@@ -6,7 +6,9 @@
 `checkpoints/` directory, local or a URL. Every checkpoint records its network
 config, so no gin file is needed. With `--to=hf` (the default),
 `T5ForConditionalGeneration.from_pretrained(DIR)` loads the student (with the
-run's vocabulary's tokenizer, which is not exported); with `--to=t5x`, DIR gets
+run's vocabulary's tokenizer, which is not exported; `dsbs_serving.json` beside
+`config.json` records it and the feature lengths for `dsbs-serve`); with
+`--to=t5x`, DIR gets
 `checkpoint_<step>`, which `t5x.train` starts from as INITIAL_CHECKPOINT_PATH
 (`gin/t5x/finetune.gin`).
 """

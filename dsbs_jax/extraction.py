@@ -423,15 +423,18 @@ def _byte_length(texts: Iterator[str], prefix: str = '') -> int:
   return -(-longest // 64) * 64
 
 
-def task_gin(out: str, task: str, metric: str) -> Optional[str]:
-  """A gin/tasks-style file registering `<out>/<task>/<split>.jsonl` as the family
-  `<task>_teacher`, trained on the teacher's labels, with feature lengths that
-  truncate nothing; None until both train and test are there."""
+def task_gin(out: str, task: str, metric: str) -> tuple[Optional[str], str]:
+  """(path, '') of a gin/tasks-style file registering `<out>/<task>/<split>.jsonl` as
+  the family `<task>_teacher`, trained on the teacher's labels, with feature lengths
+  that truncate nothing; or (None, what is missing for it)."""
   files = {s: os.path.join(out, task, f'{s}.jsonl') for s in SPLITS}
   files = {s: p for s, p in files.items() if storage.exists(p)}
-  if not {'train', 'test'} <= set(files):
-    return None
-  rows = [row for p in files.values() for _, row in benchmarks.read_jsonl(p)]
+  by_split = {s: [row for _, row in benchmarks.read_jsonl(p)] for s, p in files.items()}
+  if not any('teacher_label' in row for row in by_split.get('train', [])):
+    return None, 'no training row has a teacher label yet (extract --split=train)'
+  if 'test' not in files:
+    return None, 'training needs a test split too (extract --split=test)'
+  rows = [row for split_rows in by_split.values() for row in split_rows]
   inputs = _byte_length((r['input'] for r in rows), prefix=tasks.RATIONALE_PREFIX)
   targets = _byte_length(
       text
@@ -454,7 +457,7 @@ def task_gin(out: str, task: str, metric: str) -> Optional[str]:
       "LABEL_SOURCE = 'llm'\n"
       f"TASK_FEATURE_LENGTHS = {{'inputs': {inputs}, 'targets': {targets}}}\n",
   )
-  return path
+  return path, ''
 
 
 def source_for(

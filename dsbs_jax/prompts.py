@@ -257,6 +257,12 @@ def load(path: str) -> Prompt:
     raise DataError(f'{path}:{e.lineno}: not valid JSON ({e.msg})') from None
   if not isinstance(spec, dict):
     raise DataError(f'{path}: expected a JSON object with question, answer, stop, exemplars')
+  unknown = sorted(set(spec) - {'question', 'answer', 'stop', 'exemplars', 'instruction'})
+  if unknown:
+    raise DataError(
+        f'{path}: unknown field {", ".join(map(repr, unknown))}; the fields are question, '
+        'answer, stop, exemplars and instruction'
+    )
   question, answer = _strings(spec, ('question', 'answer'), path)
   if '{input}' not in question and not {'{premise}', '{hypothesis}'} <= set(
       _FIELD.findall(question)

@@ -51,8 +51,8 @@ class _Common(pydantic.BaseModel):
   n: int = pydantic.Field(default=1, ge=1, le=16)
   stop: Union[str, list[str], None] = None
   seed: Optional[int] = None
-  stream: bool = False
-  explain: bool = False
+  stream: pydantic.StrictBool = False
+  explain: pydantic.StrictBool = False
 
 
 class _Message(pydantic.BaseModel):
@@ -108,6 +108,8 @@ class App:
   async def answer(self, request: Any, text: str) -> tuple[list[dict[str, Any]], tuple[int, int]]:
     """Choices for one request, the label (and rationale) or the LM's samples, and
     the (prompt, completion) tokens they took."""
+    if not text.strip():
+      raise serving.RequestError('the input is empty')
     sampling = self._sampling(request)
     if isinstance(self.model, serving.CausalLM):
       self.model.check(text, sampling)
@@ -192,6 +194,8 @@ def create_app(app: App) -> Any:
   @api.exception_handler(RequestValidationError)
   async def invalid(request: Request, exc: RequestValidationError):
     first = exc.errors()[0]
+    if first.get('type') == 'json_invalid':
+      return _error(400, f'the body is not valid JSON ({first.get("ctx", {}).get("error", "")})')
     where = '.'.join(str(p) for p in first.get('loc', ()) if p != 'body')
     return _error(400, f'{where}: {first.get("msg", "invalid")}' if where else first['msg'])
 
@@ -305,9 +309,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   return cli.run('dsbs-serve', body)
 
 
-def console_main() -> None:
-  sys.exit(main())
-
-
 if __name__ == '__main__':
-  console_main()
+  sys.exit(main())

@@ -65,8 +65,8 @@ def _parser() -> argparse.ArgumentParser:
   add('--concurrency', type=int, default=None, help='requests in flight: twice the server batch')
   add('--timeout', type=float, default=None, help='seconds per request')
   add('--max_retries', type=int, default=None, help='on 429, 5xx, timeouts; with backoff')
-  add('--model_dir', default=None, help='a transformers causal LM (--backend=transformers)')
-  add('--batch_size', type=int, default=None, help='prompts per generate (--backend=transformers)')
+  add('--model_dir', default=None, help='a transformers causal LM directory')
+  add('--batch_size', type=int, default=None, help='prompts per generate call')
   add('--device', default=None)
   add('--prompt_file', default=None, help='a JSON prompt for your task (prompts.load)')
   add('--exemplars', default=None, help='JSON lines (input, rationale, answer) replacing ours')
@@ -224,12 +224,9 @@ def _finish(args: argparse.Namespace, source: extraction.Source, summary: extrac
   if source.task == 'demo':
     extraction.write_demo_eval_splits(args.out, source)
   metric = 'equation_accuracy' if source.task == 'demo' else args.metric
-  gin_file = extraction.task_gin(args.out, source.task, metric)
+  gin_file, missing = extraction.task_gin(args.out, source.task, metric)
   if gin_file is None:
-    print(
-        f'dsbs-teacher: wrote {written}/; training needs a test split there too: run '
-        'again with --split=test and your test file, then train with its task.gin'
-    )
+    print(f'dsbs-teacher: wrote {written}/; no task.gin yet: {missing}')
     return
   print(f'dsbs-teacher: wrote {written}/; train on it with --gin_file={gin_file}')
 
@@ -241,9 +238,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   return cli.run('dsbs-teacher', lambda: run(args))
 
 
-def console_main() -> None:
-  sys.exit(main())
-
-
 if __name__ == '__main__':
-  console_main()
+  sys.exit(main())

@@ -128,6 +128,11 @@ class OpenAITeacher:
       raise ConfigError(f'--concurrency {concurrency}: must be at least 1')
     if timeout <= 0 or max_retries < 0:
       raise ConfigError(f'--timeout {timeout} must be > 0 and --max_retries {max_retries} >= 0')
+    if urllib.parse.urlsplit(base_url).username is not None:
+      raise ConfigError(
+          f'--base_url {redact_url(base_url)}: carries credentials, which the client would send '
+          f'in place of the key; give the key in ${api_key_env}'
+      )
     self.model, self.api, self.concurrency, self.api_key_env = model, api, concurrency, api_key_env
     self.url = redact_url(base_url)
     self._client = openai.OpenAI(

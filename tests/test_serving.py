@@ -142,7 +142,9 @@ def _post(url, path, body, headers=None):
 @pytest.mark.parametrize(
     'body, status, message',
     [
-        ('{bad json', 400, 'JSON decode error'),
+        ('{bad json', 400, 'the body is not valid JSON'),
+        ('{"model": "student", "prompt": "  "}', 400, 'the input is empty'),
+        ('{"model": "student", "prompt": "x", "explain": "yes"}', 400, 'explain: Input should be'),
         ('{"model": "student"}', 400, 'prompt: Field required'),
         ('{"model": "student", "prompt": "x", "temperature": 0.5}', 400, 'decodes greedily'),
         ('{"model": "student", "prompt": "x", "n": 0}', 400, 'n: Input should be greater'),
