@@ -10,7 +10,7 @@
          <out>/<task>/teacher_<split>.json           settings and summary of the run
 
 Every answer is appended to `<out>/<task>/teacher_cache/<split>.jsonl` as it
-arrives, keyed by the hash of the prompt, the teacher (backend, model) and the
+arrives, keyed by the hash of the prompt, the teacher (backend, server, model) and the
 sampling settings. A rerun after a crash or Ctrl-C reads the cache and queries
 only what is missing; the final files are written, atomically, once every input
 is answered.

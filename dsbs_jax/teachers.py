@@ -75,7 +75,7 @@ class Completions:
 class Teacher(Protocol):
 
   def describe(self) -> dict[str, Any]:
-    """What identifies the teacher's answers (backend, model); no secrets."""
+    """What identifies the teacher's answers (backend, server, model); no secrets."""
     ...
 
   def complete(
@@ -116,7 +116,7 @@ class OpenAITeacher:
       model: str,
       api: str = 'completions',
       api_key_env: str = API_KEY_ENV,
-      concurrency: int = 8,
+      concurrency: int = 32,
       timeout: float = 120.0,
       max_retries: int = 5,
   ):
@@ -143,7 +143,8 @@ class OpenAITeacher:
     )
 
   def describe(self) -> dict[str, Any]:
-    return {'backend': f'openai-{self.api}', 'model': self.model}
+    # The server's URL too: two servers may give one name to different weights.
+    return {'backend': f'openai-{self.api}', 'url': self.url, 'model': self.model}
 
   def complete(
       self, prompts: Sequence[str], sampling: Sampling

@@ -489,3 +489,19 @@ def test_the_batcher_survives_requests_cancelled_by_their_clients():
   started.set()
   assert first.result(5) == 2
   assert batcher.submit(3).result(5) == 6 and batcher.items == 2
+
+
+def test_answers_are_cached_per_server():
+  """Two servers may serve different weights under one model name: their answers
+  never share a cache key. The key never appears in what identifies a teacher."""
+  sampling = teachers.Sampling()
+  ids = [
+      teachers.OpenAITeacher(url, 'teacher').describe()
+      for url in ('http://127.0.0.1:8100/v1', 'http://127.0.0.1:8101/v1')
+  ]
+  assert extraction.cache_key('p', ids[0], sampling) != extraction.cache_key('p', ids[1], sampling)
+  assert ids[0] == {
+      'backend': 'openai-completions',
+      'url': 'http://127.0.0.1:8100/v1',
+      'model': 'teacher',
+  }
