@@ -361,3 +361,26 @@ def config_to_dict(config: T5Config) -> dict[str, Any]:
 
 def config_from_dict(fields: dict[str, Any]) -> T5Config:
   return T5Config(**{**fields, 'mlp_activations': tuple(fields['mlp_activations'])})
+
+
+def read_checkpoint(
+    directory: storage.PathLike, step: Optional[int] = None
+) -> tuple[int, T5Config, Any, dict[str, Any]]:
+  """(step, network config, params as host arrays, metadata) of a checkpoints
+  directory's `step`, the newest by default: what tools without the run's gin read
+  (dsbs-export, dsbs-serve)."""
+  checkpointer = Checkpointer(directory, async_save=False)
+  try:
+    step = checkpointer.latest_step() if step is None else step
+    if step not in checkpointer.all_steps():
+      raise ConfigError(f'--step {step}: {directory} holds steps {checkpointer.all_steps()}')
+    metadata = checkpointer.metadata(step)
+    if 'model_config' not in metadata:
+      raise ConfigError(
+          f'{directory}/{step}: this checkpoint records no network config (it '
+          'predates dsbs-jax 0.2); load it with hf_checkpoint.save_hf_checkpoint'
+      )
+    config = config_from_dict(metadata['model_config'])
+    return step, config, checkpointer.restore_params(None, step), metadata
+  finally:
+    checkpointer.close()

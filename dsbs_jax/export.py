@@ -40,22 +40,7 @@ def export(
         f'--checkpoint {checkpoint}: no dsbs-jax checkpoint there (expected a '
         'MODEL_DIR, its best/ or its checkpoints/)'
     )
-  checkpointer = checkpoints.Checkpointer(directory, async_save=False)
-  try:
-    step = checkpointer.latest_step() if step is None else step
-    if step not in checkpointer.all_steps():
-      raise ConfigError(f'--step {step}: {directory} holds steps {checkpointer.all_steps()}')
-    saved = checkpointer.metadata(step).get('model_config')
-    if saved is None:
-      raise ConfigError(
-          f'{directory}/{step}: this checkpoint records no network config (it '
-          'predates dsbs-jax 0.2); load it with hf_checkpoint.save_hf_checkpoint'
-      )
-    config = checkpoints.config_from_dict(saved)
-    params = checkpointer.restore_params(None, step)
-    recorded = checkpointer.metadata(step)
-  finally:
-    checkpointer.close()
+  step, config, params, recorded = checkpoints.read_checkpoint(directory, step)
   if to == 't5x':
     return step, t5x_checkpoints.write_params(output, params, step)
   hf_checkpoint.save_hf_checkpoint(output, config, params)

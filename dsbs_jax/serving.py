@@ -176,17 +176,7 @@ def load_student(
           f'--model {path}: neither a dsbs-jax MODEL_DIR, best/ or checkpoints/, nor an HF '
           'directory (config.json)'
       )
-    checkpointer = checkpoints.Checkpointer(directory, async_save=False)
-    try:
-      step = checkpointer.latest_step()
-      assert step is not None  # checkpoint_directory found a step
-      recorded = checkpointer.metadata(step)
-      if 'model_config' not in recorded:
-        raise ConfigError(f'{directory}/{step}: records no network config (before dsbs-jax 0.2)')
-      config = checkpoints.config_from_dict(recorded['model_config'])
-      params = checkpointer.restore_params(None, step)
-    finally:
-      checkpointer.close()
+    step, config, params, recorded = checkpoints.read_checkpoint(directory)
     log.info('serving step %d of %s', step, directory)
   lengths = recorded.get('task_feature_lengths') or {}
   max_input_length = max_input_length or lengths.get('inputs')
