@@ -170,9 +170,7 @@ def main(argv=None):
         'examples_per_s': len(rows) / median,
         **memory.get(name, {}),
     }
-  report['ratio_ours_over_reference'] = {
-      k: report['ours'][k] / report['reference'][k] for k in report['ours']
-  }
+  report['ratio_ours_over_reference'] = harness.ratios(report['ours'], report['reference'])
   # Sorting changes the batches, not the predictions, nor their order.
   report['ours_equals_ours_in_order'] = predictions['ours'] == predictions['ours_in_order']
   report['ratio_ours_over_ours_in_order'] = (

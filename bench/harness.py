@@ -365,6 +365,12 @@ def children_memory(script: str, flags: Sequence[str]) -> dict[str, dict[str, fl
   return memory
 
 
+def ratios(ours: dict[str, float], reference: dict[str, float]) -> dict[str, float]:
+  """ours / reference for each figure the reference has a nonzero value of (a side's
+  step memory can be 0 on CPU: its second pass reuses what the first allocated)."""
+  return {k: ours[k] / reference[k] for k in ours if reference.get(k)}
+
+
 def machine(matmul_peak: float | None = None) -> dict[str, Any]:
   """The JSON's description of where it ran."""
   return {

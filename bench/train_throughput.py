@@ -270,11 +270,7 @@ def main(argv=None):
       'ours': rates(ours_results, config, lengths, peak) | memory['ours'],
       'reference': rates(reference_results, config, lengths, peak) | memory['reference'],
   }
-  report['ratio_ours_over_reference'] = {
-      k: report['ours'][k] / report['reference'][k]
-      for k in report['ours']
-      if report['reference'][k]
-  }
+  report['ratio_ours_over_reference'] = harness.ratios(report['ours'], report['reference'])
   report['ours_matmuls_alone'] = harness.matmuls_alone(float(np.median(dots_alone)), report)
   print(
       json.dumps(

@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
       settings=_settings(args, prompt),
   )
   progress = _Progress()
-  signal.signal(signal.SIGTERM, _interrupt)
+  previous = signal.signal(signal.SIGTERM, _interrupt)
   try:
     summary = job.run(progress)
   except KeyboardInterrupt:
@@ -208,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
   except teachers.TeacherError as e:
     progress.close()
     raise teachers.TeacherError(f'{e}; the answers so far are kept, and a rerun resumes') from None
+  finally:
+    signal.signal(signal.SIGTERM, previous)
   progress.close()
   _finish(args, source, summary)
   return 0

@@ -15,6 +15,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
+import threading
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional, Protocol
@@ -217,7 +218,12 @@ def _message(error: Any) -> str:
 
 
 class CausalLM:
-  """A transformers causal LM directory, generating batches with left padding."""
+  """A transformers causal LM directory, generating batches with left padding.
+
+  Safe to share between threads (a server counts tokens in request threads while its
+  batcher generates): an HF fast tokenizer sets its padding on every call, so one
+  call without padding, racing a padded batch, leaves the batch ragged.
+  """
 
   def __init__(self, model_dir: str, device: str = 'cpu'):
     try:
@@ -238,15 +244,18 @@ class CausalLM:
     self.model = model.to(device).eval()
     self.device = device
     self.context = int(getattr(self.model.config, 'max_position_embeddings', 0) or 0)
+    self._tokenizing = threading.Lock()
 
   def count_tokens(self, text: str) -> int:
-    return len(self.tokenizer(text)['input_ids'])
+    with self._tokenizing:
+      return len(self.tokenizer(text)['input_ids'])
 
   def generate(self, prompts: Sequence[str], sampling: Sampling) -> list[Completions]:
     """Each prompt's `sampling.n` completions; a prompt too long for the model's
     context raises, naming its length."""
     torch = self._torch
-    encoded = self.tokenizer(list(prompts), return_tensors='pt', padding=True)
+    with self._tokenizing:
+      encoded = self.tokenizer(list(prompts), return_tensors='pt', padding=True)
     lengths = encoded['attention_mask'].sum(-1).tolist()
     if self.context:
       for i, length in enumerate(lengths):
@@ -270,21 +279,19 @@ class CausalLM:
           max_new_tokens=sampling.max_tokens,
           pad_token_id=self.tokenizer.pad_token_id,
       )
-    new = out[:, encoded['input_ids'].shape[1] :]
-    results = []
-    for i, length in enumerate(lengths):
-      rows = new[i * sampling.n : (i + 1) * sampling.n]
-      texts, spent = [], 0
-      for row in rows:
-        ids = row.tolist()
-        if self.tokenizer.eos_token_id in ids:
-          ids = ids[: ids.index(self.tokenizer.eos_token_id)]
-        spent += len(ids)
-        texts.append(
-            cut_at_stop(str(self.tokenizer.decode(ids, skip_special_tokens=True)), sampling.stop)
+    eos, n = self.tokenizer.eos_token_id, sampling.n
+    new = out[:, encoded['input_ids'].shape[1] :].tolist()
+    new = [ids[: ids.index(eos)] if eos in ids else ids for ids in new]
+    with self._tokenizing:
+      texts = [str(self.tokenizer.decode(ids, skip_special_tokens=True)) for ids in new]
+    return [
+        Completions(
+            tuple(cut_at_stop(text, sampling.stop) for text in texts[i * n : (i + 1) * n]),
+            int(length),
+            sum(len(ids) for ids in new[i * n : (i + 1) * n]),
         )
-      results.append(Completions(tuple(texts), int(length), spent))
-    return results
+        for i, length in enumerate(lengths)
+    ]
 
 
 class TransformersTeacher:

@@ -179,6 +179,7 @@ def test_a_prepared_file_runs_the_bench_without_tensorflow(
   for side in ('ours', 'reference'):
     assert report[side]['peak_memory_bytes'] > report[side]['step_memory_bytes'] >= 0
     assert report[side]['examples_per_s'] > 0
+  assert report['ratio_ours_over_reference']['examples_per_s'] > 0  # a zero step memory is left out
   if bench is decode_throughput:
     assert report['ours_equals_ours_in_order'] is True
   if bench is train_throughput:

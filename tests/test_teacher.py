@@ -448,6 +448,29 @@ def test_a_served_causal_lm_samples_n_completions(lm_url):
     client.completions.create(model='tiny', prompt='x', extra_body={'explain': True})
 
 
+def test_a_causal_lm_counts_tokens_while_it_generates(lm_dir):
+  """A server counts each request's tokens in the request's thread while its batcher
+  generates: the shared tokenizer must keep a padded batch padded."""
+  lm = teachers.CausalLM(lm_dir)
+  stop = threading.Event()
+
+  def count():
+    while not stop.is_set():
+      assert lm.count_tokens('x' * 300) == 300
+
+  counters = [threading.Thread(target=count) for _ in range(3)]
+  for thread in counters:
+    thread.start()
+  try:
+    for _ in range(200):
+      answers = lm.generate(['a' * 100, 'b' * 120], teachers.Sampling(max_tokens=1))
+      assert [a.prompt_tokens for a in answers] == [100, 120]
+  finally:
+    stop.set()
+    for thread in counters:
+      thread.join()
+
+
 @pytest.mark.parametrize(
     'extra, message',
     [

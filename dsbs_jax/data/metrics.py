@@ -11,8 +11,6 @@ import math
 from collections.abc import Sequence
 from typing import Optional, cast
 
-from rouge_score import rouge_scorer
-
 _MAX_EQUATION_CHARS = 1000
 _BINARY = {
     ast.Add: lambda a, b: a + b,
@@ -95,6 +93,9 @@ def accuracy(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, fl
 
 def rouge(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
   """Mean ROUGE-1/2/L F-measure (x100) of generated rationales, via `rouge_score`."""
+  # Imported here: it loads NLTK (1.5 s), which only runs that evaluate rationales need.
+  from rouge_score import rouge_scorer
+
   _check_lengths(targets, predictions)
   scorer = rouge_scorer.RougeScorer(['rouge1', 'rouge2', 'rougeL'], use_stemmer=True)
   scores = [scorer.score(t, p) for t, p in zip(targets, predictions, strict=True)]
