@@ -80,6 +80,7 @@ class Trainer:
     self.partitioner = partitioner
     self.seed = seed
     self.num_microbatches = num_microbatches
+    self._specs: dict[tuple, tuple[TrainState, TrainState]] = {}
 
   def _init_state(self, input_shapes: Mapping[str, tuple[int, ...]]) -> TrainState:
     rng = jax.random.PRNGKey(self.seed)
@@ -96,17 +97,24 @@ class Trainer:
   def state_logical_specs(
       self, input_shapes: Mapping[str, tuple[int, ...]]
   ) -> tuple[TrainState, TrainState]:
-    """(logical PartitionSpecs, shapes) of every leaf of the train state, from shapes alone."""
-    boxed = jax.eval_shape(
-        lambda: self.model.get_initial_variables(jax.random.PRNGKey(0), input_shapes)
-    )
-    param_specs = nn.get_partition_spec(boxed['params'])
-    abstract = jax.eval_shape(lambda: self._init_state(input_shapes))
-    opt_specs = optimizer_state_specs(abstract.opt_state, param_specs, abstract.params)
-    specs = TrainState(
-        step=PartitionSpec(), params=param_specs, opt_state=opt_specs, rng=PartitionSpec()
-    )
-    return specs, abstract
+    """(logical PartitionSpecs, shapes) of every leaf of the train state, from shapes alone.
+
+    Kept per input shapes: tracing the model's initialisation twice took about a
+    second of every run's start, and a run asks three times.
+    """
+    key = tuple(sorted((k, tuple(v)) for k, v in input_shapes.items()))
+    if key not in self._specs:
+      boxed = jax.eval_shape(
+          lambda: self.model.get_initial_variables(jax.random.PRNGKey(0), input_shapes)
+      )
+      param_specs = nn.get_partition_spec(boxed['params'])
+      abstract = jax.eval_shape(lambda: self._init_state(input_shapes))
+      opt_specs = optimizer_state_specs(abstract.opt_state, param_specs, abstract.params)
+      specs = TrainState(
+          step=PartitionSpec(), params=param_specs, opt_state=opt_specs, rng=PartitionSpec()
+      )
+      self._specs[key] = (specs, abstract)
+    return self._specs[key]
 
   def state_shardings(self, input_shapes: Mapping[str, tuple[int, ...]]) -> TrainState:
     """NamedShardings of every leaf of the train state, from the logical axes."""
