@@ -66,9 +66,9 @@ def _inputs(args) -> dict:
   }
 
 
-def build(args):
-  config = dataclasses.replace(harness.CONFIGS[args.config], dtype=args.dtype)
-  key = {
+def prepared_key(args) -> dict:
+  """The flags the prepared inputs depend on."""
+  return {
       'benchmark': 'decode_throughput',
       'datasets': args.datasets,
       'inputs': args.inputs,
@@ -76,7 +76,11 @@ def build(args):
       'batches': args.batches,
       'max_new_tokens': args.max_new_tokens,
   }
-  inputs = harness.prepared(args.prepared, key, lambda: _inputs(args))
+
+
+def build(args):
+  config = dataclasses.replace(harness.CONFIGS[args.config], dtype=args.dtype)
+  inputs = harness.prepared(args.prepared, prepared_key(args), lambda: _inputs(args))
   torch_model, params = harness.same_weights(config)
   params = jax.device_put(params)  # once, as a server holds them
   autocast = torch.bfloat16 if args.dtype == 'bfloat16' else None
@@ -146,6 +150,7 @@ def main(argv=None):
   torch.set_num_threads(os.cpu_count())
   if args.memory_side:
     return memory_child(args)
+  harness.check_prepared(args.prepared, prepared_key(args))
   memory = harness.children_memory(
       'bench/decode_throughput.py', sys.argv[1:] if argv is None else list(argv)
   )

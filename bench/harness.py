@@ -144,12 +144,8 @@ def prepared(path: str | None, key: Mapping[str, Any], build: Callable[[], Any])
   key = dict(key)
   if path and os.path.exists(path):
     with np.load(path, allow_pickle=False) as saved:
-      description = json.loads(saved['structure'].tobytes().decode('utf-8'))
-      if description['key'] != key:
-        raise ValueError(
-            f'{path} was prepared for {description["key"]}, not {key}: pass '
-            'another --prepared path or delete this one'
-        )
+      description = _description(saved)
+      _check_key(path, description, key)
       return _decode(description['inputs'], saved)
   inputs = build()
   if path:
@@ -162,6 +158,25 @@ def prepared(path: str | None, key: Mapping[str, Any], build: Callable[[], Any])
           **{f'a{i}': a for i, a in enumerate(arrays)},
       )
   return inputs
+
+
+def check_prepared(path: str | None, key: Mapping[str, Any]) -> None:
+  """Refuses a `--prepared` file made for other flags before any child process starts."""
+  if path and os.path.exists(path):
+    with np.load(path, allow_pickle=False) as saved:
+      _check_key(path, _description(saved), dict(key))
+
+
+def _description(saved: Any) -> dict[str, Any]:
+  return json.loads(saved['structure'].tobytes().decode('utf-8'))
+
+
+def _check_key(path: str, description: Mapping[str, Any], key: dict[str, Any]) -> None:
+  if description['key'] != key:
+    raise ValueError(
+        f'{path} was prepared for {description["key"]}, not {key}: pass '
+        'another --prepared path or delete this one'
+    )
 
 
 def same_weights(config: network.T5Config, seed: int = 0) -> tuple[Any, Any]:

@@ -142,6 +142,19 @@ class Reference:
     return elapsed, len(chunk), enc, dec, slots, loss
 
 
+def prepared_key(args) -> dict:
+  """The flags the prepared inputs depend on."""
+  return {
+      'benchmark': 'train_throughput',
+      'datasets': args.datasets,
+      'lengths': {'inputs': args.inputs, 'targets': args.targets},
+      'variant': args.variant,
+      'batch_size': args.batch_size,
+      'rows': args.rows,
+      'grad_steps': args.grad_steps,
+  }
+
+
 def build(args):
   config = harness.CONFIGS[args.config]
   config = dataclasses.replace(
@@ -152,16 +165,9 @@ def build(args):
   )
   lengths = {'inputs': args.inputs, 'targets': args.targets}
   rationale = args.variant == 'step_by_step'
-  key = {
-      'benchmark': 'train_throughput',
-      'datasets': args.datasets,
-      'lengths': lengths,
-      'variant': args.variant,
-      'batch_size': args.batch_size,
-      'rows': args.rows,
-      'grad_steps': args.grad_steps,
-  }
-  inputs = harness.prepared(args.prepared, key, lambda: _inputs(args, lengths, rationale))
+  inputs = harness.prepared(
+      args.prepared, prepared_key(args), lambda: _inputs(args, lengths, rationale)
+  )
   torch_model, params = harness.same_weights(config)
   return config, lengths, inputs, rationale, torch_model, params
 
@@ -241,6 +247,7 @@ def main(argv=None):
   torch.set_num_threads(os.cpu_count())
   if args.memory_side:
     return memory_child(args)
+  harness.check_prepared(args.prepared, prepared_key(args))
   memory = harness.children_memory(
       'bench/train_throughput.py', sys.argv[1:] if argv is None else list(argv)
   )
