@@ -252,3 +252,26 @@ def serve_app(app):
     uv.should_exit = True
     thread.join(timeout=10)
     sock.close()
+
+
+def serves_its_test_predictions(best: str, lines, targets_cut: bool = False) -> None:
+  """dsbs-serve, from `best` alone (the checkpoint records vocabulary and lengths),
+  answers as the Evaluator decoded the test split (`lines`, its inference_eval rows).
+
+  The server stops at the training targets length, evaluation at the split's longest
+  target; with `targets_cut` (targets shorter than the labels), an answer cut there
+  ('length') must be the start of the Evaluator's prediction.
+  """
+  import openai
+
+  from dsbs_jax import server, serving
+
+  with serve_app(server.App(serving.load_student(best), 'best')) as url:
+    client = openai.OpenAI(base_url=url, api_key='unused', max_retries=0)
+    for line in lines:
+      text = line['input']['inputs_pretokenized'].removeprefix('predict: ')
+      (answer,) = client.completions.create(model='best', prompt=text).choices
+      if targets_cut and answer.finish_reason == 'length':
+        assert line['prediction'].startswith(answer.text)
+      else:
+        assert answer.text == line['prediction']

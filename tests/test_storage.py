@@ -12,7 +12,7 @@ import time
 import fsspec
 import pytest
 
-from conftest import SUBPROCESS_ENV, TINY_MODEL
+from conftest import SUBPROCESS_ENV, TINY_MODEL, serves_its_test_predictions
 from dsbs_jax import monitoring, storage
 from dsbs_jax.data import benchmarks, custom
 from dsbs_jax.errors import ConfigError, DataError
@@ -108,9 +108,10 @@ def _read_lines(url):
 
 @pytest.mark.slow
 def test_a_run_on_cloud_storage_trains_is_killed_resumes_and_reports_there(
-    gcs, data_root, tmp_path
+    gcs, data_root, tmp_path, monkeypatch
 ):
-  """MODEL_DIR, DATA_ROOT and the vocabulary all in the bucket; nothing written locally."""
+  """MODEL_DIR, DATA_ROOT and the vocabulary all in the bucket; nothing written locally;
+  dsbs-serve serves the run's best/ from there."""
   from dsbs_jax.data import demo, vocabularies
 
   fs = fsspec.filesystem('gs')
@@ -192,5 +193,9 @@ def test_a_run_on_cloud_storage_trains_is_killed_resumes_and_reports_there(
   )
   assert steps[-1] == 9
   best = results['best']['step']
-  assert storage.exists(f'gs://dsbs/run/inference_eval/test/svamp_gt_label-{best:06d}.jsonl')
+  predictions = f'gs://dsbs/run/inference_eval/test/svamp_gt_label-{best:06d}.jsonl'
+  lines = [json.loads(line) for line in _read_lines(predictions)]
+  assert len(lines) == 8
   assert os.listdir(cwd) == []
+  monkeypatch.setenv('HOME', str(tmp_path))  # the vocabulary's local cache
+  serves_its_test_predictions('gs://dsbs/run/best', lines[:3], targets_cut=True)  # of 16

@@ -12,7 +12,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from conftest import NO_EVALUATION, TINY_MODEL, cli, serve_app
+from conftest import NO_EVALUATION, TINY_MODEL, cli, serves_its_test_predictions
 from dsbs_jax import hf_checkpoint
 from dsbs_jax.checkpoints import Checkpointer
 
@@ -92,7 +92,7 @@ def test_short_run_learns_writes_outputs_and_resumes(tmp_path, capsys):
   assert 0.0 <= results['eval']['test']['demo_gt_label']['equation_accuracy'] <= 100.0
   assert list(results['eval']) == ['test']
   _exports_to_huggingface(model_dir / 'best', best['step'], tmp_path / 'hf', capsys)
-  _serves_its_test_predictions(model_dir / 'best', lines[:4])
+  serves_its_test_predictions(str(model_dir / 'best'), lines[:4])
   # Running again with more steps resumes from the checkpoint at step 40.
   assert _run(model_dir, '--gin.TRAIN_STEPS=50') == 0
   assert 'Resumed from' in capsys.readouterr().out
@@ -124,21 +124,6 @@ def _exports_to_huggingface(checkpoint, step, output, capsys):
         input_ids=torch.tensor(tokens), decoder_input_ids=torch.tensor(decoder_in)
     ).logits.numpy()
   assert np.abs(np.asarray(ours) - theirs).max() <= 1e-4
-
-
-def _serves_its_test_predictions(best, lines):
-  """dsbs-serve, from best/ alone (the checkpoint records vocabulary and lengths),
-  answers as the Evaluator decoded the test split."""
-  import openai
-
-  from dsbs_jax import server, serving
-
-  with serve_app(server.App(serving.load_student(str(best)), 'best')) as url:
-    client = openai.OpenAI(base_url=url, api_key='unused', max_retries=0)
-    for line in lines:
-      text = line['input']['inputs_pretokenized'].removeprefix('predict: ')
-      answer = client.completions.create(model='best', prompt=text)
-      assert answer.choices[0].text == line['prediction']
 
 
 def _corrupt(step_dir, how):
