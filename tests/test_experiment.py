@@ -10,8 +10,9 @@ import time
 import pytest
 from PIL import Image
 
+import gin
 from conftest import REPO, SUBPROCESS_ENV
-from dsbs_jax import experiment, plots
+from dsbs_jax import cli, experiment, plots
 
 GRID = """
 from __gin__ import dynamic_registration
@@ -33,7 +34,7 @@ experiment.Grid:
 
 
 @pytest.mark.slow
-def test_a_grid_runs_resumes_after_a_kill_and_writes_its_table_and_plots(tmp_path):
+def test_a_grid_runs_resumes_after_a_kill_and_writes_its_table_and_plots(tmp_path, capsys):
   out = tmp_path / 'grid'
   config = tmp_path / 'tiny.gin'
   config.write_text(GRID.format(out=out))
@@ -57,15 +58,10 @@ def test_a_grid_runs_resumes_after_a_kill_and_writes_its_table_and_plots(tmp_pat
   first.wait(timeout=60)
   (done,) = list(runs.glob('*/results.json'))
   finished_at = done.stat().st_mtime
-  # The pod or cluster way: a command per unfinished run.
-  printed = subprocess.run(
-      [*command, '--print_commands'],
-      cwd=REPO,
-      env=SUBPROCESS_ENV,
-      capture_output=True,
-      text=True,
-      check=True,
-  ).stdout.splitlines()
+  # The pod or cluster way: a command per unfinished run (in this process: it only reads).
+  gin.clear_config()
+  assert cli.experiment_main(['dsbs-experiment', f'--gin_file={config}', '--print_commands']) == 0
+  printed = capsys.readouterr().out.splitlines()
   assert len(printed) == 3 and all(
       line.startswith('dsbs-train --gin_file=demo.gin') for line in printed
   )
