@@ -16,8 +16,8 @@ import re
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable, Iterator, Sequence
-from typing import Optional
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Optional
 
 from dsbs_jax.errors import ConfigError, DataError
 
@@ -110,6 +110,33 @@ def configure_logging() -> None:
   )
   for handler in logging.getLogger().handlers:
     handler.addFilter(drop)
+
+
+Scopes = Mapping[str, Mapping[str, Any]]
+
+
+def scoped_flags(args: Any, scopes: Scopes, active: Callable[[str], bool]) -> None:
+  """Flags only some runs read (`scopes`: scope -> {flag: default}, the flags' parser
+  defaults None): fills in the defaults; refuses one given where its scope is not
+  `active`, so that no flag is silently ignored."""
+  for scope, flags in scopes.items():
+    on = active(scope)
+    for flag, default in flags.items():
+      if getattr(args, flag) is None:
+        setattr(args, flag, default)
+      elif not on:
+        raise ConfigError(f'--{flag}: only read with {scope}')
+
+
+def scoped_help(parser: Any, scopes: Scopes) -> None:
+  """Appends each scoped flag's scope and default to its help."""
+  defaults = {
+      f'--{flag}': (scope, d) for scope, flags in scopes.items() for flag, d in flags.items()
+  }
+  for action in parser._actions:
+    if action.option_strings and action.option_strings[0] in defaults:
+      scope, default = defaults[action.option_strings[0]]
+      action.help = f'{action.help or ""} ({scope}; default {default})'.lstrip()
 
 
 def error_line(error: BaseException) -> str:

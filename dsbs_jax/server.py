@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import pydantic
 
@@ -252,8 +252,25 @@ def create_app(app: App) -> Any:
   return api
 
 
+# Flags only one kind of model reads, with their defaults: given for the other
+# kind, they are refused before it loads.
+_STUDENT, _CAUSAL_LM = 'a dsbs-jax student', 'a causal LM'
+_SCOPED: dict[str, dict[str, Any]] = {
+    _STUDENT: {
+        'overlong': 'refuse',
+        'max_input_length': None,
+        'max_decode_length': None,
+        'vocabulary': None,
+        'precompile': False,
+    },
+    _CAUSAL_LM: {'device': 'cpu'},
+}
+
+
 def load(args: argparse.Namespace) -> Union[serving.Student, serving.CausalLM]:
-  if serving.is_causal_lm(args.model):
+  kind = _CAUSAL_LM if serving.is_causal_lm(args.model) else _STUDENT
+  cli.scoped_flags(args, _SCOPED, lambda scope: scope == kind)
+  if kind == _CAUSAL_LM:
     return serving.CausalLM(args.model, args.device)
   return serving.load_student(
       args.model,
@@ -274,13 +291,14 @@ def _parser() -> argparse.ArgumentParser:
   add('--port', type=int, default=8000)
   add('--max_batch', type=int, default=16, help='requests decoded together; 1 turns batching off')
   add('--batch_wait_ms', type=float, default=5.0, help='how long a batch waits to fill')
-  add('--overlong', default='refuse', choices=serving.OVERLONG, help='an input over the length')
-  add('--max_input_length', type=int, default=None, help="default: the checkpoint's")
-  add('--max_decode_length', type=int, default=None, help="default: the checkpoint's")
-  add('--vocabulary', default=None, help="'bytes' or a SentencePiece .model (default: recorded)")
+  add('--overlong', default=None, choices=serving.OVERLONG, help='an input over the length')
+  add('--max_input_length', type=int, default=None, help="the checkpoint's if not given")
+  add('--max_decode_length', type=int, default=None, help="the checkpoint's if not given")
+  add('--vocabulary', default=None, help="'bytes' or a SentencePiece .model; else recorded")
   add('--api_key_env', default=API_KEY_ENV, help='the variable holding the key clients must send')
-  add('--device', default='cpu', help='for a causal LM')
-  add('--precompile', action='store_true', help="a student's every shape bucket, before serving")
+  add('--device', default=None, help='torch device')
+  add('--precompile', action='store_true', default=None, help='every shape bucket, before serving')
+  cli.scoped_help(p, _SCOPED)
   return p
 
 
@@ -297,9 +315,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     name = args.name or os.path.basename(os.path.normpath(args.model))
     model = load(args)
     if args.precompile:
-      if not isinstance(model, serving.Student):
-        raise ConfigError('--precompile: a causal LM compiles nothing ahead; drop it')
-      model.precompile()
+      cast(serving.Student, model).precompile()
     app = App(model, name, args.max_batch, args.batch_wait_ms, os.environ.get(args.api_key_env))
     log.info('dsbs-serve: %s on http://%s:%d/v1', name, args.host, args.port)
     # log_config=None: uvicorn's loggers go to dsbs-jax's handlers, which it would replace.

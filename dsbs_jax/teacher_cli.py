@@ -78,29 +78,17 @@ def _parser() -> argparse.ArgumentParser:
   add('--seed', type=int, default=0)
   add('--filter_gold_match', action='store_true', help="keep samples whose label is gold's")
   add('--drop_degenerate', action='store_true', help='drop empty or looping rationales')
-  defaults = {
-      f'--{flag}': (scope, d) for scope, flags in _SCOPED.items() for flag, d in flags.items()
-  }
-  for action in p._actions:
-    if action.option_strings and action.option_strings[0] in defaults:
-      scope, default = defaults[action.option_strings[0]]
-      action.help = f'{action.help or ""} ({scope}; default {default})'.lstrip()
+  cli.scoped_help(p, _SCOPED)
   return p
 
 
 def _scoped_flags(args: argparse.Namespace) -> None:
-  """Fills in the defaults of the flags that apply; refuses those that do not."""
-  for scope, flags in _SCOPED.items():
-    active = (
-        args.input_file is not None
-        if scope == '--input_file'
-        else scope == f'--backend={args.backend}'
-    )
-    for flag, default in flags.items():
-      if getattr(args, flag) is None:
-        setattr(args, flag, default)
-      elif not active:
-        raise ConfigError(f'--{flag}: only read with {scope}')
+  def active(scope: str) -> bool:
+    if scope == '--input_file':
+      return args.input_file is not None
+    return scope == f'--backend={args.backend}'
+
+  cli.scoped_flags(args, _SCOPED, active)
 
 
 def _teacher(args: argparse.Namespace) -> teachers.Teacher:

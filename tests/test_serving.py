@@ -195,3 +195,23 @@ def test_a_path_that_is_no_model_is_one_line(tmp_path, capsys):
           'checkpoints/, nor an HF directory (config.json)'
       )
   ]
+
+
+@pytest.mark.parametrize(
+    'model_type, flag, scope',
+    [
+        ('gpt2', '--precompile', 'a dsbs-jax student'),
+        ('gpt2', '--overlong=truncate', 'a dsbs-jax student'),
+        ('gpt2', '--vocabulary=bytes', 'a dsbs-jax student'),
+        ('t5', '--device=cuda', 'a causal LM'),
+    ],
+)
+def test_flags_the_models_kind_does_not_read_are_refused_before_it_loads(
+    tmp_path, capsys, model_type, flag, scope
+):
+  (tmp_path / 'config.json').write_text(json.dumps({'model_type': model_type}))  # nothing else
+  assert server.main(['--model', str(tmp_path), flag]) == 2
+  name = flag.split('=')[0]
+  assert capsys.readouterr().err.strip().splitlines() == [
+      f'dsbs-serve: error: {name}: only read with {scope}'
+  ]
