@@ -387,13 +387,12 @@ def _loop(
       state, metrics = train_step(state, partitioner.shard_batch(next(batches)))
       step, consumed = step + 1, consumed + 1
       history.append(metrics)
-      if not compiled:
+      if not compiled:  # the rate is timed from here on; the step's metrics are kept
         compiled = True
         jax.block_until_ready(metrics)
         log.info('First step (with compilation) took %.1fs', time.perf_counter() - t_start)
         progress.start(step)
-        history = []
-      elif step % log_period == 0 or step == train_steps:
+      if step % log_period == 0 or step == train_steps:
         last_logged = _mean_metrics(history)
         history = []
         _check_finite(last_logged, step, checkpointer)
@@ -424,15 +423,12 @@ def _report(
   }
   rate = progress.report(step, shown)
   tokens = metrics.get('label/tokens', 0) + metrics.get('rationale/tokens', 0)
-  writer.write(
-      step,
-      {
-          **metrics,
-          'steps_per_sec': rate,
-          'examples_per_sec': rate * batch_size,
-          'tokens_per_sec': rate * tokens,
-      },
-  )
+  rates = {  # none at a run's first step, which compiles: there is no rate to time
+      'steps_per_sec': rate,
+      'examples_per_sec': rate * batch_size,
+      'tokens_per_sec': rate * tokens,
+  }
+  writer.write(step, {**metrics, **(rates if rate else {})})
 
 
 def _finish(

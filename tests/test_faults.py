@@ -73,23 +73,36 @@ def _params(model_dir, step):
 
 
 @pytest.mark.slow
-def test_sigkill_and_restart_resume_exactly(tmp_path):
+def test_sigkill_and_sigterm_restarts_resume_exactly(tmp_path):
+  """SIGKILL, a restart, SIGTERM (preemption: save and exit 0), a restart: every step
+  and the final params equal an uninterrupted run's, bitwise."""
+  steps = '--gin.TRAIN_STEPS=60'
   straight = tmp_path / 'straight'
-  assert _start(straight, '--gin.TRAIN_STEPS=40').wait(timeout=300) == 0
-  killed = tmp_path / 'killed'
-  proc = _start(killed, '--gin.TRAIN_STEPS=40')
-  _wait_for(lambda: _steps_done(killed) >= 12)
+  assert _start(straight, steps).wait(timeout=300) == 0
+  run = tmp_path / 'run'
+  proc = _start(run, steps)
+  _wait_for(lambda: _steps_done(run) >= 12)
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=60)
   assert proc.returncode == -signal.SIGKILL
-  interrupted_at = _steps_done(killed)
-  assert interrupted_at < 40, 'the run finished before it could be killed'
-  restart = _start(killed, '--gin.TRAIN_STEPS=40')
-  out = _output(restart, killed, timeout=300)
-  assert restart.returncode == 0, out
-  assert 'Resumed from' in out
-  assert _final_losses(killed) == _final_losses(straight)  # every step, bitwise
-  jax.tree_util.tree_map(np.testing.assert_array_equal, _params(killed, 40), _params(straight, 40))
+  killed_at = _steps_done(run)
+  assert killed_at < 60, 'the run finished before it could be killed'
+
+  proc = _start(run, steps)  # resumes from an earlier step, then logs past `killed_at`
+  _wait_for(lambda: _steps_done(run) >= killed_at + 3)
+  proc.send_signal(signal.SIGTERM)
+  out = _output(proc, run, timeout=120)
+  assert proc.returncode == 0, out
+  saved = max(int(s) for s in os.listdir(run / 'checkpoints'))
+  assert f'SIGTERM: saved step {saved}' in out
+  assert killed_at + 3 <= saved < 60, 'the run finished before SIGTERM'
+
+  proc = _start(run, steps)
+  out = _output(proc, run, timeout=300)
+  assert proc.returncode == 0, out
+  assert f'Resumed from {run}/checkpoints at step {saved}' in out
+  assert _final_losses(run) == _final_losses(straight)  # every step, bitwise
+  jax.tree_util.tree_map(np.testing.assert_array_equal, _params(run, 60), _params(straight, 60))
 
 
 _SAVER = textwrap.dedent("""
@@ -133,22 +146,6 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_restorable(tmp_path
     assert consumed == step
     assert float(state['w'][0]) == float(state['w'][-1]) == step
     np.testing.assert_array_equal(state['b'], np.arange(1000) * step)
-
-
-@pytest.mark.slow
-def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
-  model_dir = tmp_path / 'run'
-  proc = _start(model_dir, '--gin.TRAIN_STEPS=100000')
-  _wait_for(lambda: _steps_done(model_dir) >= 3)
-  proc.send_signal(signal.SIGTERM)
-  out = _output(proc, model_dir, timeout=120)
-  assert proc.returncode == 0, out
-  saved = max(int(s) for s in os.listdir(model_dir / 'checkpoints'))
-  assert f'SIGTERM: saved step {saved}' in out
-  assert saved >= 3
-  restart = _start(model_dir, f'--gin.TRAIN_STEPS={saved + 2}')
-  out = _output(restart, model_dir, timeout=300)
-  assert restart.returncode == 0 and f'Resumed from {model_dir}/checkpoints at step {saved}' in out
 
 
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
