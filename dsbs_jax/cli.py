@@ -293,6 +293,11 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     from dsbs_jax import train
     from dsbs_jax.run_record import RunRecord
 
+    if not gin_utils.binds_any('train.train', _TRAIN_REQUIRED):
+      raise ConfigError(
+          f"no gin file configures train.train (--gin_file: {', '.join(fv.gin_file) or 'none'}); "
+          'start from train.gin or a run such as demo.gin (the gin/ directory lists them)'
+      )
     configured = gin.get_configurable(train.train)
     gin_utils.check_bindings_used('train.train', fv.gin_file, fv.gin_bindings)
     if fv.plan:

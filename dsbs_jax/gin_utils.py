@@ -96,6 +96,17 @@ def parse(files: Sequence[str], bindings: Sequence[str], user_search_paths: Sequ
     )
 
 
+def binds_any(selector: str, parameters: Sequence[str]) -> bool:
+  """Whether the parsed config gives `selector` (registered or not) any of `parameters`."""
+  for name in parameters:
+    try:
+      gin.query_parameter(f'{selector}.{name}')
+    except ValueError:
+      continue
+    return True
+  return False
+
+
 def used_bindings(root: str) -> set[tuple[str, str]]:
   """The `(scope, selector)` keys of gin's config that calling `root` reads.
 

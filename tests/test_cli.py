@@ -97,6 +97,13 @@ def test_bad_settings_get_one_clear_line(tmp_path, capsys, args, message):
   assert message in line
 
 
+@pytest.mark.parametrize('files', [[], ['--gin_file=model.gin']])
+def test_gin_files_that_configure_no_training_are_refused(capsys, files):
+  line = _one_line_error(capsys, *files)
+  assert 'no gin file configures train.train' in line
+  assert f"--gin_file: {'model.gin' if files else 'none'}" in line
+
+
 def test_a_binding_no_configurable_in_the_run_reads_names_its_file_and_line(tmp_path, capsys):
   extra = tmp_path / 'extra.gin'
   extra.write_text(
@@ -286,3 +293,4 @@ def test_every_gin_file_parses_and_its_includes_exist():
           't5x/configs/'
       ):
         assert os.path.isfile(os.path.join(root, s.filename)), (path, s.filename)
+
