@@ -18,9 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Sequence
-from typing import Optional
+from typing import NoReturn, Optional
 
 from dsbs_jax import checkpoints, cli, hf_checkpoint, storage, t5x_checkpoints
 from dsbs_jax.errors import ConfigError
@@ -67,8 +66,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   return cli.run('dsbs-export', body)
 
 
-def console_main() -> None:
-  sys.exit(main())
+def console_main() -> NoReturn:
+  cli.exit_with(main)
 
 
 if __name__ == '__main__':

@@ -16,7 +16,6 @@ import asyncio
 import hmac
 import logging
 import os
-import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -326,4 +325,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.exit_with(main)

@@ -4,12 +4,15 @@ is one line on stderr with exit status 2."""
 import glob
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import seqio
 
 import gin
-from conftest import NO_EVALUATION, TINY_MODEL, cli
+from conftest import NO_EVALUATION, REPO, TINY_MODEL, cli
 from dsbs_jax import gin_utils
 
 QUICK = [*TINY_MODEL, '--gin.TRAIN_STEPS=1', *NO_EVALUATION]
@@ -294,3 +297,38 @@ def test_every_gin_file_parses_and_its_includes_exist():
       ):
         assert os.path.isfile(os.path.join(root, s.filename)), (path, s.filename)
 
+
+_EXITING = textwrap.dedent("""
+    import atexit, sys, threading, time
+    from dsbs_jax import cli
+
+    def main():
+      def late_write():
+        time.sleep(0.5)
+        open(sys.argv[1], 'w').write('written')
+
+      threading.Thread(target=late_write).start()
+      atexit.register(print, 'the atexit handler ran', flush=True)
+      print('buffered, without a newline', end='')
+      if sys.argv[2] == 'raise':
+        raise RuntimeError('a bug')
+      return int(sys.argv[2])
+
+    cli.exit_with(main)
+""")
+
+
+@pytest.mark.parametrize('outcome', ['0', '3', 'raise'])
+def test_a_command_exits_with_its_code_after_its_threads_handlers_and_output(tmp_path, outcome):
+  written = tmp_path / 'late'
+  done = subprocess.run(
+      [sys.executable, '-c', _EXITING, str(written), outcome],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=60,
+  )
+  assert done.returncode == (1 if outcome == 'raise' else int(outcome)), done.stderr
+  assert done.stdout == 'buffered, without a newlinethe atexit handler ran\n'
+  assert written.read_text() == 'written'
+  assert ('RuntimeError: a bug' in done.stderr) == (outcome == 'raise')
