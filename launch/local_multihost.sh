@@ -6,6 +6,7 @@
 #
 # Process 0 logs to the terminal; every process's log is in $LOG_DIR, by default a
 # fresh private directory (mktemp -d) whose path is printed first.
+# The caller's XLA_FLAGS are kept, with the device count appended.
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
   echo "usage: $0 NUM_PROCESSES DEVICES_PER_PROCESS [dsbs-train flags...]" >&2
@@ -23,7 +24,7 @@ echo "logs: $log_dir"
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM
 for ((i = 0; i < num_processes; i++)); do
-  XLA_FLAGS="--xla_force_host_platform_device_count=$devices" JAX_PLATFORMS=cpu \
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices" JAX_PLATFORMS=cpu \
     python3 -m dsbs_jax --coordinator_address="127.0.0.1:$port" \
     --num_processes="$num_processes" --process_id="$i" "$@" > "$log_dir/process_$i.log" 2>&1 &
   pids+=($!)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY_MODEL
+from conftest import REPO, TINY_MODEL, XLA_FLAGS
 
 FLAGS = [
     *TINY_MODEL,
@@ -25,7 +25,7 @@ FLAGS = [
 def _env(devices):
   return dict(
       os.environ,
-      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+      XLA_FLAGS=XLA_FLAGS.format(devices),
       JAX_PLATFORMS='cpu',
       PYTHONPATH=REPO,
       # launch/local_multihost.sh runs `python3`: this interpreter's, venv activated or not.

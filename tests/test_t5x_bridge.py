@@ -22,7 +22,15 @@ import pytest
 from flax import traverse_util
 from flax.linen import partitioning as flax_partitioning
 
-from conftest import NO_EVALUATION, REPO, cli, synthetic_batch, tiny_config, tiny_student
+from conftest import (
+    NO_EVALUATION,
+    REPO,
+    XLA_FLAGS,
+    cli,
+    synthetic_batch,
+    tiny_config,
+    tiny_student,
+)
 from dsbs_jax import export, network, partitioning, t5x_checkpoints
 from dsbs_jax.checkpoints import Checkpointer
 from dsbs_jax.errors import ConfigError
@@ -194,7 +202,7 @@ def _t5x(script, tmp_path, *args):
   log = tmp_path / f'{script}.log'
   # One CPU device: on CPU, T5X puts every device on the model axis unless it is
   # given `model_parallel_submesh` (the README's 2x2 mesh command gives one).
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, XLA_FLAGS=XLA_FLAGS.format(1))
   with open(log, 'a') as out:
     run = subprocess.run(
         [sys.executable, '-m', f't5x.{script}', f'--gin_search_paths={REPO}/gin,{t5x_root}', *args],
