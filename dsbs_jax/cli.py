@@ -316,17 +316,19 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def exit_with(main: Callable[[], int]) -> NoReturn:
-  """Runs a console script's `main` and exits with its code, without the interpreter's
-  teardown of every module's objects.
+  """A console script's end: runs `main` and exits with its code, without the
+  interpreter's teardown of every module's objects.
 
   TensorFlow's and XLA's destructors keep a finished process alive 1-2 s more
   (`python -c 'import tensorflow'`: 1.1 s after its last atexit handler; a tiny
   `dsbs-train`: 1.8 s), which each run of a grid, and each test's subprocess,
-  would pay. Nothing else is skipped: the handler is registered before
-  `main` runs, so it runs after every other atexit handler, and the
-  interpreter has joined the non-daemon threads (an asynchronous save, say)
-  before the first. A `main` that raises, or calls `sys.exit` itself, exits as
-  usual.
+  would pay. The handler that exits is registered here, so it runs after every
+  handler registered later, and after the interpreter has joined the
+  non-daemon threads (an asynchronous save, say). Handlers registered earlier
+  would be skipped, so call this before importing anything that registers one
+  (JAX, orbax, seqio, TensorFlow Datasets); `logging`'s, registered when it was
+  imported, is run by the handler itself. A `main` that raises, or calls
+  `sys.exit` itself, exits as usual. For entry points only: it ends the process.
   """
   returned: list[int] = []
   atexit.register(_exit_before_teardown, returned)
@@ -413,20 +415,28 @@ def _define_experiment_flags():
 
 def teacher_console_main() -> NoReturn:
   """`dsbs-teacher`, with TensorFlow (its data readers import it) started quietly first."""
-  set_process_defaults()
-  start_tensorflow()
-  from dsbs_jax import teacher_cli
 
-  exit_with(teacher_cli.main)
+  def main() -> int:
+    set_process_defaults()
+    start_tensorflow()
+    from dsbs_jax import teacher_cli
+
+    return teacher_cli.main()
+
+  exit_with(main)
 
 
 def serve_console_main() -> NoReturn:
   """`dsbs-serve`, with TensorFlow (its vocabularies import it) started quietly first."""
-  set_process_defaults()
-  start_tensorflow()
-  from dsbs_jax import server
 
-  exit_with(server.main)
+  def main() -> int:
+    set_process_defaults()
+    start_tensorflow()
+    from dsbs_jax import server
+
+    return server.main()
+
+  exit_with(main)
 
 
 def experiment_console_main() -> NoReturn:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Sequence
-from typing import NoReturn, Optional
+from typing import Optional
 
 from dsbs_jax import checkpoints, cli, hf_checkpoint, storage, t5x_checkpoints
 from dsbs_jax.errors import ConfigError
@@ -66,8 +67,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   return cli.run('dsbs-export', body)
 
 
-def console_main() -> NoReturn:
-  cli.exit_with(main)
+def console_main() -> None:
+  sys.exit(main())
 
 
 if __name__ == '__main__':

@@ -16,6 +16,7 @@ import asyncio
 import hmac
 import logging
 import os
+import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -325,4 +326,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-  cli.exit_with(main)
+  sys.exit(main())

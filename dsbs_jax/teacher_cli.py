@@ -229,4 +229,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-  cli.exit_with(main)
+  sys.exit(main())
