@@ -118,12 +118,12 @@ class Progress:
     eta = _duration((self.total_steps - step) / rate) if rate else '?'
     shown = ' '.join(f'{k}={v:.4g}' for k, v in scalars.items())
     log.info(
-        'step %d/%d (%.0f%%) %s | %.2f steps/s | ETA %s',
+        'step %d/%d (%.0f%%) %s | %s steps/s | ETA %s',
         step,
         self.total_steps,
         100.0 * step / max(self.total_steps, 1),
         shown,
-        rate,
+        f'{rate:.2f}' if rate else '?',
         eta,
     )
     return rate

@@ -423,12 +423,14 @@ def _report(
   }
   rate = progress.report(step, shown)
   tokens = metrics.get('label/tokens', 0) + metrics.get('rationale/tokens', 0)
-  rates = {  # none at a run's first step, which compiles: there is no rate to time
-      'steps_per_sec': rate,
-      'examples_per_sec': rate * batch_size,
-      'tokens_per_sec': rate * tokens,
-  }
-  writer.write(step, {**metrics, **(rates if rate else {})})
+  if rate:  # none at a run's first step, which compiles: there is nothing to time
+    metrics = {
+        **metrics,
+        'steps_per_sec': rate,
+        'examples_per_sec': rate * batch_size,
+        'tokens_per_sec': rate * tokens,
+    }
+  writer.write(step, metrics)
 
 
 def _finish(
