@@ -10,7 +10,6 @@ from dsbs_jax import (
     partitioning,
     server,
     t5x_bridge,
-    teacher_cli,
     teachers,
 )
 from dsbs_jax.data import feature_converters, tasks

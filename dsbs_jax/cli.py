@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib
 import logging
 import os
 import re
@@ -414,27 +415,23 @@ def _define_experiment_flags():
 
 
 def teacher_console_main() -> NoReturn:
-  """`dsbs-teacher`, with TensorFlow (its data readers import it) started quietly first."""
-
-  def main() -> int:
-    set_process_defaults()
-    start_tensorflow()
-    from dsbs_jax import teacher_cli
-
-    return teacher_cli.main()
-
-  exit_with(main)
+  """`dsbs-teacher`; TensorFlow starts first because its data readers import it."""
+  _exit_with_tensorflow_started('teacher_cli')
 
 
 def serve_console_main() -> NoReturn:
-  """`dsbs-serve`, with TensorFlow (its vocabularies import it) started quietly first."""
+  """`dsbs-serve`; TensorFlow starts first because its vocabularies import it."""
+  _exit_with_tensorflow_started('server')
+
+
+def _exit_with_tensorflow_started(module: str) -> NoReturn:
+  """Runs `dsbs_jax.<module>.main` with TensorFlow started quietly first; the imports
+  happen inside `exit_with`, after its handler is registered."""
 
   def main() -> int:
     set_process_defaults()
     start_tensorflow()
-    from dsbs_jax import server
-
-    return server.main()
+    return importlib.import_module(f'dsbs_jax.{module}').main()
 
   exit_with(main)
 
