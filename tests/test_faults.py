@@ -3,6 +3,7 @@ save, SIGTERM preemption, and a diverging run."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,6 +94,8 @@ def test_sigkill_and_sigterm_restarts_resume_exactly(tmp_path):
   proc.send_signal(signal.SIGTERM)
   out = _output(proc, run, timeout=120)
   assert proc.returncode == 0, out
+  (resumed,) = re.findall(rf'Resumed from {run}/checkpoints at step (\d+)', out)
+  assert int(resumed) <= killed_at  # after SIGKILL, from the killed run's checkpoint
   saved = max(int(s) for s in os.listdir(run / 'checkpoints'))
   assert f'SIGTERM: saved step {saved}' in out
   assert killed_at + 3 <= saved < 60, 'the run finished before SIGTERM'
