@@ -5,7 +5,7 @@ pod slice is rented (`dsbs-train --plan=32x8`)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -23,9 +23,16 @@ def _shards(spec: PartitionSpec, mesh_shape: Mapping[str, int]) -> int:
 
 
 def activation_bytes_estimate(
-    config: Any, input_shapes: Mapping[str, tuple[int, ...]], mesh_shape: Mapping[str, int]
+    config: Any,
+    input_shapes: Mapping[str, tuple[int, ...]],
+    mesh_shape: Mapping[str, int],
+    microbatch_rows: Optional[int] = None,
 ) -> float:
   """Rough bytes per device of the activations a train step keeps for backprop.
+
+  With gradient accumulation only one microbatch's activations exist at a time,
+  so they are those of `microbatch_rows` rows (default: the whole batch), as in
+  XLA's own buffer plan.
 
   Per token and layer: ~10 (encoder) / 14 (decoder) embed-sized tensors and 3
   mlp-sized; attention keeps none of its [b, h, q, k] tensors, but one block
@@ -36,7 +43,7 @@ def activation_bytes_estimate(
   """
   batch, enc = input_shapes['encoder_input_tokens']
   dec = input_shapes['decoder_input_tokens'][1]
-  b = batch / mesh_shape.get('data', 1)
+  b = (microbatch_rows or batch) / mesh_shape.get('data', 1)
   m = mesh_shape.get('model', 1)
   size = 2 if config.dtype == 'bfloat16' else 4
   heads, mlp = config.num_heads / m, config.mlp_dim / m
@@ -90,12 +97,15 @@ def memory_plan(
       leaf.size * leaf.dtype.itemsize / _shards(to_mesh(spec), mesh_shape)
       for spec, leaf in zip(opt_flat, jax.tree_util.tree_leaves(abstract.opt_state), strict=True)
   )
-  act = activation_bytes_estimate(trainer.model.module.config, input_shapes, mesh_shape)
+  m = trainer.num_microbatches
+  rows = trainer.microbatch_rows(input_shapes['encoder_input_tokens'][0])
+  act = activation_bytes_estimate(trainer.model.module.config, input_shapes, mesh_shape, rows)
+  micro = f', one of {m} microbatches' if m > 1 else ''
   gib = 2.0**30
   lines.append(
       f'per device: params {param_bytes / gib:.2f} GiB, gradients '
       f'{param_bytes / gib:.2f} GiB, optimizer state {opt_bytes / gib:.2f} GiB, '
-      f'activations ~{act / gib:.2f} GiB (estimate); total '
+      f'activations ~{act / gib:.2f} GiB (estimate{micro}); total '
       f'~{(2 * param_bytes + opt_bytes + act) / gib:.2f} GiB'
   )
   return '\n'.join(lines)

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import synthetic_batch as _batch
 from conftest import tiny_config, tiny_student
-from dsbs_jax import optimizers, partitioning, trainer
+from dsbs_jax import memory, optimizers, partitioning, trainer
 
 CONFIG = tiny_config(dropout_rate=0.1)
 SHAPES = {'encoder_input_tokens': (8, 16), 'decoder_input_tokens': (8, 12)}
@@ -96,6 +96,31 @@ def test_remat_keeps_only_each_layers_input():
   plain = temp_bytes(6, False) - temp_bytes(2, False)
   remat = temp_bytes(6, True) - temp_bytes(2, True)
   assert remat < 0.25 * plain, (remat, plain)
+
+
+def test_the_plans_activation_estimate_follows_xlas_buffer_plan():
+  """`dsbs-train --plan` sizes a step before a slice is rented: its activation estimate
+  must stay near XLA's own buffer plan for the gradient, with and without gradient
+  accumulation (one microbatch's activations exist at a time)."""
+  shapes = {'encoder_input_tokens': (16, 256), 'decoder_input_tokens': (16, 128)}
+  batch = {
+      k: jax.ShapeDtypeStruct(shapes[k.replace('target', 'input')], np.int32)
+      for k in ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens')
+  }
+  config = tiny_config(
+      emb_dim=64, mlp_dim=256, head_dim=16, num_encoder_layers=2, num_decoder_layers=2, remat=True
+  )
+  for microbatches in (1, 4):
+    t = trainer.Trainer(
+        tiny_student(config),
+        optimizers.create_optimizer('adamw', learning_rate=1e-2),
+        partitioning.Partitioner(1),
+        num_microbatches=microbatches,
+    )
+    grads = jax.jit(lambda p, b, t=t: t._grads(p, b, jax.random.PRNGKey(0))[0])
+    plan = grads.lower(t.abstract_state(shapes).params, batch).compile().memory_analysis()
+    estimate = memory.activation_bytes_estimate(config, shapes, {'data': 1}, 16 // microbatches)
+    assert 0.5 < estimate / plan.temp_size_in_bytes < 2, (microbatches, estimate, plan)
 
 
 @pytest.mark.parametrize('remat', [False, True])
