@@ -43,7 +43,7 @@ def activation_bytes_estimate(
   """
   batch, enc = input_shapes['encoder_input_tokens']
   dec = input_shapes['decoder_input_tokens'][1]
-  b = (microbatch_rows or batch) / mesh_shape.get('data', 1)
+  b = (batch if microbatch_rows is None else microbatch_rows) / mesh_shape.get('data', 1)
   m = mesh_shape.get('model', 1)
   size = 2 if config.dtype == 'bfloat16' else 4
   heads, mlp = config.num_heads / m, config.mlp_dim / m
@@ -67,7 +67,9 @@ def memory_plan(
   """The mesh, each parameter's sharding, and bytes per device of the train state.
 
   Works from shapes alone (`jax.eval_shape`), for any mesh shape, so an XXL
-  layout can be checked on a laptop before a pod slice is rented.
+  layout can be checked on a laptop before a pod slice is rented. It counts one
+  gradient per parameter; the optimizer's update and gradient accumulation hold
+  more (on XLA CPU, 0.2-2x the parameters again, `bench/README.md`).
   """
   rules = trainer.partitioner.rules
   specs, abstract = trainer.state_logical_specs(input_shapes)
@@ -97,8 +99,9 @@ def memory_plan(
       leaf.size * leaf.dtype.itemsize / _shards(to_mesh(spec), mesh_shape)
       for spec, leaf in zip(opt_flat, jax.tree_util.tree_leaves(abstract.opt_state), strict=True)
   )
-  m = trainer.num_microbatches
-  rows = trainer.microbatch_rows(input_shapes['encoder_input_tokens'][0])
+  m, data = trainer.num_microbatches, mesh_shape.get('data', 1)
+  # The input pipeline pads a step to whole microbatches over the data axis.
+  rows = -(-input_shapes['encoder_input_tokens'][0] // (data * m)) * data
   act = activation_bytes_estimate(trainer.model.module.config, input_shapes, mesh_shape, rows)
   micro = f', one of {m} microbatches' if m > 1 else ''
   gib = 2.0**30

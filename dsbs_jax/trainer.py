@@ -149,9 +149,11 @@ class Trainer:
     if m == 1:
       (_, metrics), grads = grad_fn(params, batch, rng)
       return grads, metrics
-    rows = self.microbatch_rows(next(iter(batch.values())).shape[0])
+    rows = next(iter(batch.values())).shape[0]
+    if rows % m:
+      raise ConfigError(f'the batch ({rows} rows per step) must divide into {m} microbatches')
     counts = losses.task_token_counts(self.model.task_ids(batch), len(self.model.task_weights))
-    micro = {k: v.reshape((rows, m, *v.shape[1:])).swapaxes(0, 1) for k, v in batch.items()}
+    micro = {k: v.reshape((rows // m, m, *v.shape[1:])).swapaxes(0, 1) for k, v in batch.items()}
 
     def accumulate(carry, xs):
       i, microbatch = xs
@@ -165,15 +167,6 @@ class Trainer:
     for i, name in enumerate(losses.TASK_NAMES[k] for k in range(1, counts.shape[0] + 1)):
       metrics[f'{name}/tokens'] = counts[i]
     return grads, metrics
-
-  def microbatch_rows(self, rows: int) -> int:
-    """The rows of one microbatch of a `rows`-row batch; a batch that does not divide
-    is a config error."""
-    if rows % self.num_microbatches:
-      raise ConfigError(
-          f'the batch ({rows} rows per step) must divide into {self.num_microbatches} microbatches'
-      )
-    return rows // self.num_microbatches
 
   def train_step(self, state: TrainState, batch: Mapping[str, Array]) -> tuple[TrainState, dict]:
     """One optimizer step, unjitted (T5X's `train_step`): `compile_train_step` jits it;
