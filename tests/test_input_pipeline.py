@@ -88,6 +88,15 @@ def test_rows_are_padded_to_the_units_the_mesh_needs(pack, row_unit, expected):
     assert len(_sequences(step, 1)) == len(_sequences(step, 2)) == 6
 
 
+@pytest.mark.parametrize('row_unit,processes', [(8, 2), (4, 8), (3, 2), (6, 4), (12, 8), (1, 4)])
+def test_the_processes_rows_together_make_whole_units(row_unit, processes):
+  """Each process pads its rows to this unit; together they must divide into the data
+  axis and the microbatches (`row_unit`), with no more padding than that needs."""
+  unit = input_pipeline.process_row_unit(row_unit, processes)
+  assert processes * unit % row_unit == 0
+  assert all(processes * smaller % row_unit for smaller in range(1, unit))
+
+
 def test_the_independent_mixture_counts_sequences():
   """The option the paper does not use: label and rationale examples drawn independently."""
   steps = _steps('demo_gt_step_by_step_mixture', steps=4)

@@ -24,6 +24,7 @@ task over its tokens, does not depend on how the sequences were packed.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any, Optional
 
@@ -169,7 +170,7 @@ def batches(
       numpy_iterator(_steps(config, converter, seqio.ShardInfo(index, shards)).skip(skip))
       for index in range(first, first + per_process)
   ]
-  local_unit = max(row_unit // processes, 1)
+  local_unit = process_row_unit(row_unit, processes)
   bucket = local_unit * -(-ROW_BUCKET // (local_unit * processes))
   most = _round_up(config.sequences_per_step // processes, local_unit)
   for parts in zip(*streams, strict=True):
@@ -179,6 +180,14 @@ def batches(
       rows = int(np.max(multihost_utils.process_allgather(np.asarray(rows))))
     rows = min(_round_up(rows, bucket), most)
     yield {k: np.pad(v, [(0, rows - len(v)), (0, 0)]) for k, v in step.items()}
+
+
+def process_row_unit(row_unit: int, processes: int) -> int:
+  """The multiple of rows each process pads its part of a step to, so that the
+  processes' rows together are a multiple of `row_unit`: the least such, as
+  padding costs compute. row_unit // processes is not enough when the processes
+  do not divide it (a model axis across 2 processes, 3 microbatches: 2 x 1 rows)."""
+  return row_unit // math.gcd(row_unit, processes)
 
 
 def _round_up(n: int, multiple: int) -> int:
