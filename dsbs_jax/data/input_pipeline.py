@@ -186,7 +186,8 @@ def process_row_unit(row_unit: int, processes: int) -> int:
   """The multiple of rows each process pads its part of a step to, so that the
   processes' rows together are a multiple of `row_unit`: the least such, as
   padding costs compute. row_unit // processes is not enough when the processes
-  do not divide it (a model axis across 2 processes, 3 microbatches: 2 x 1 rows)."""
+  do not divide row_unit: 2 processes with a data axis of 1 and 3 microbatches
+  would each give 64 rows, 128 together, which 3 microbatches do not divide."""
   return row_unit // math.gcd(row_unit, processes)
 
 
