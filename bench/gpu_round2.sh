@@ -14,6 +14,8 @@
 #   base_no_cmdbuf  the same with XLA's command buffers off
 #   large           T5 1.1 large, as base
 #   decode_base     greedy decoding at base, 6 batches of 64, sorted by length
+#   largest         T5 1.1 XL (3B), our step alone with remat, batch 64 in one pass:
+#                   the largest model bench/README.md sizes for one 139 GiB GPU
 # Each run has its own time limit (LIMIT seconds, default 280), so one command
 # stays within a 10-minute call; one that fails leaves its log beside the others'.
 set -uo pipefail
@@ -55,6 +57,7 @@ EOF
         base_no_cmdbuf) flags=("${train[@]}" --config=base "${two[@]}") xla=--xla_gpu_enable_command_buffer= ;;
         large) flags=("${train[@]}" --config=large "${two[@]}") ;;
         decode_base) flags=("${decode[@]}" --config=base) ;;
+        largest) flags=("${train[@]}" --config=xl --sides=ours --remat --grad_steps=1 "--prepared=$dir/train_1.npz") ;;
         *) echo "unknown lever $name; $usage" >&2; exit 2 ;;
       esac
       if timeout "${LIMIT:-280}" env XLA_FLAGS="$xla" python3 "${flags[@]}" \

@@ -82,6 +82,18 @@ CONFIGS = {
         mlp_dim=2816,
         dropout_rate=0.0,
     ),
+    # T5 v1.1 XL (3B), the largest that one 139 GiB GPU should train at batch 64
+    # (bench/README.md); `--sides=ours`, as the reference would need its own copy.
+    'xl': network.T5Config(
+        vocab_size=384,
+        emb_dim=2048,
+        num_heads=32,
+        num_encoder_layers=24,
+        num_decoder_layers=24,
+        head_dim=64,
+        mlp_dim=5120,
+        dropout_rate=0.0,
+    ),
 }
 
 
@@ -362,15 +374,17 @@ def print_child_memory(side: str, setup_bytes: float) -> None:
   print(json.dumps({'peak_bytes': peak, 'setup_bytes': setup_bytes}))
 
 
-def children_memory(script: str, flags: Sequence[str]) -> dict[str, dict[str, float]]:
-  """Each side's peak memory and what its steps add to it, from `script` run with
+def children_memory(
+    script: str, flags: Sequence[str], sides: Sequence[str] = ('ours', 'reference')
+) -> dict[str, dict[str, float]]:
+  """Each of `sides`' peak memory and what its steps add to it, from `script` run with
   `flags` as that side's memory child.
 
   Call it before this process touches the device: on a GPU both frameworks keep
   the memory they pooled, and a child started later finds the device full.
   """
   memory = {}
-  for side in ('ours', 'reference'):
+  for side in sides:
     progress(f'peak memory of {side} (a child process)')
     child = json.loads(run_child([script, *flags, f'--memory_side={side}']).splitlines()[-1])
     memory[side] = {

@@ -8,6 +8,10 @@ object. On a GPU both sides run there; `--prepared` lets a host without
 TensorFlow (a GPU box) run from inputs prepared where the data is.
 
     python bench/train_throughput.py --config=small --variant=step_by_step
+
+`--sides=ours` times our step alone (no reference model is built), e.g. to find
+the largest model one device trains: `--config=xl --sides=ours --remat`, with
+`--optimizer=adafactor` if AdamW's state does not fit.
 """
 
 from __future__ import annotations
@@ -68,19 +72,38 @@ def parse_args(argv=None):
       default=network.T5Config.attention_block_size,
       help='query rows our attention takes at a time (T5Config.attention_block_size)',
   )
+  p.add_argument(
+      '--sides',
+      default='both',
+      choices=['both', 'ours'],
+      help='ours: time our step alone, building no reference model',
+  )
+  p.add_argument(
+      '--optimizer',
+      default='adamw',
+      choices=['adamw', 'adafactor'],
+      help="ours; adafactor needs --sides=ours, as the reference's is AdamW",
+  )
   harness.add_shared_flags(p)
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.optimizer != 'adamw' and args.sides != 'ours':
+    p.error(f'--optimizer={args.optimizer} needs --sides=ours: the reference trains with AdamW')
+  return args
 
 
 class Ours:
-  """Our jitted, packed, single-pass step (AdamW 5e-5, alpha = 0.5 as the reference)."""
+  """Our jitted, packed, single-pass step (alpha = 0.5 and lr 5e-5 as the reference,
+  with its AdamW unless `optimizer` says otherwise).
 
-  def __init__(self, config, params, vocab, batches, rationale, grad_steps=1):
+  params None: the step trains its own initialisation (`--sides=ours`).
+  """
+
+  def __init__(self, config, params, vocab, batches, rationale, grad_steps=1, optimizer='adamw'):
     weights = losses.task_weights(alpha=0.5) if rationale else (1.0, 0.0)
     model = harness.student(config, vocab, task_weights=weights)
     self.trainer = trainer.Trainer(
         model,
-        optimizers.create_optimizer('adamw', 5e-5),
+        optimizers.create_optimizer(optimizer, 5e-5),
         partitioning.Partitioner(devices=jax.devices()[:1]),
         num_microbatches=grad_steps,
     )
@@ -88,9 +111,11 @@ class Ours:
     first, _ = batches[0]
     shapes = {k: first[k].shape for k in ('encoder_input_tokens', 'decoder_input_tokens')}
     state = self.trainer.create_state(shapes)
-    self.state = state.replace(
-        params=jax.device_put(params, self.trainer.state_shardings(shapes).params)
-    )
+    if params is not None:
+      state = state.replace(
+          params=jax.device_put(params, self.trainer.state_shardings(shapes).params)
+      )
+    self.state = state
     self.step_fn = self.trainer.compile_train_step(shapes)
     self.first = first
 
@@ -168,7 +193,7 @@ def build(args):
   inputs = harness.prepared(
       args.prepared, prepared_key(args), lambda: _inputs(args, lengths, rationale)
   )
-  torch_model, params = harness.same_weights(config)
+  torch_model, params = harness.same_weights(config) if args.sides == 'both' else (None, None)
   return config, lengths, inputs, rationale, torch_model, params
 
 
@@ -196,16 +221,25 @@ def _inputs(args, lengths, rationale) -> dict:
 
 
 def sides(args, config, inputs, rationale, torch_model, params):
-  """Each side's constructor, so a memory child process builds only its own."""
+  """Each side's constructor (ours alone with `--sides=ours`), so a memory child
+  process builds only its own."""
   autocast = torch.bfloat16 if args.dtype == 'bfloat16' else None
-  return {
+  made = {
       'ours': lambda: Ours(
-          config, params, inputs['vocab'], inputs['batches'], rationale, args.grad_steps
-      ),
-      'reference': lambda: Reference(
-          torch_model, inputs['rows'], args.batch_size, rationale, args.grad_steps, autocast
+          config,
+          params,
+          inputs['vocab'],
+          inputs['batches'],
+          rationale,
+          args.grad_steps,
+          args.optimizer,
       ),
   }
+  if args.sides == 'both':
+    made['reference'] = lambda: Reference(
+        torch_model, inputs['rows'], args.batch_size, rationale, args.grad_steps, autocast
+    )
+  return made
 
 
 def measure(side, steps, warmup):
@@ -230,6 +264,27 @@ def rates(results, config, lengths, peak):
   }
 
 
+def timed_steps(built: dict, dots, warmup: int, steps: int) -> tuple[dict, list[float]]:
+  """Each side's step results after `warmup`, the sides interleaved, and our dots alone
+  timed after each round, under the same conditions as the steps (when `dots`)."""
+  results: dict[str, list] = {name: [] for name in built}
+  dots_alone: list[float] = []
+  for i in range(warmup + steps):
+    this = {name: side.step() for name, side in built.items()}
+    if i >= warmup:
+      for name, result in this.items():
+        results[name].append(result)
+      if dots is not None:
+        dots_alone.append(harness.matmul_seconds(dots))
+    label = f'step {i + 1 - warmup}/{steps}' if i >= warmup else f'warm-up {i + 1}/{warmup}'
+    harness.progress(
+        f'{label}: '
+        + ', '.join(f'{name} {result[0]:.3f}s' for name, result in this.items())
+        + (f', our dots alone {dots_alone[-1]:.3f}s' if dots_alone else '')
+    )
+  return results, dots_alone
+
+
 def memory_child(args):
   """Prints one side's peak memory (bytes) during steady-state steps, and what it held before
   them (model, optimizer state, data and framework; see `harness.reset_peak_memory`)."""
@@ -249,36 +304,26 @@ def main(argv=None):
     return memory_child(args)
   harness.check_prepared(args.prepared, prepared_key(args))
   memory = harness.children_memory(
-      'bench/train_throughput.py', sys.argv[1:] if argv is None else list(argv)
+      'bench/train_throughput.py',
+      sys.argv[1:] if argv is None else list(argv),
+      ['ours'] if args.sides == 'ours' else ['ours', 'reference'],
   )
   config, lengths, inputs, rationale, torch_model, params = build(args)
-  make = sides(args, config, inputs, rationale, torch_model, params)
-  ours, reference = make['ours'](), make['reference']()
-  peak = harness.matmul_peak_flops(args.dtype)
-  harness.progress(f'{args.config}: both sides built; matmul peak {peak / 1e12:.1f} TFLOP/s')
-  dots = ours.matmuls()
-  ours_results, reference_results, dots_alone = [], [], []
-  for i in range(args.warmup + args.steps):
-    mine, theirs = ours.step(), reference.step()
-    if i >= args.warmup:  # the dots alone too, under the same conditions as the steps
-      ours_results.append(mine)
-      reference_results.append(theirs)
-      dots_alone.append(harness.matmul_seconds(dots))
-    label = (
-        f'step {i + 1 - args.warmup}/{args.steps}'
-        if i >= args.warmup
-        else f'warm-up {i + 1}/{args.warmup}'
-    )
-    harness.progress(
-        f'{label}: ours {mine[0]:.3f}s, reference {theirs[0]:.3f}s'
-        + (f', our dots alone {dots_alone[-1]:.3f}s' if dots_alone else '')
-    )
-  report = {
-      'ours': rates(ours_results, config, lengths, peak) | memory['ours'],
-      'reference': rates(reference_results, config, lengths, peak) | memory['reference'],
+  built = {
+      name: make()
+      for name, make in sides(args, config, inputs, rationale, torch_model, params).items()
   }
-  report['ratio_ours_over_reference'] = harness.ratios(report['ours'], report['reference'])
-  report['ours_matmuls_alone'] = harness.matmuls_alone(float(np.median(dots_alone)), report)
+  peak = harness.matmul_peak_flops(args.dtype)
+  harness.progress(
+      f'{args.config}: {" and ".join(built)} built; matmul peak {peak / 1e12:.1f} TFLOP/s'
+  )
+  # Our dots alone bound what faster non-matmul code could gain over the reference.
+  dots = built['ours'].matmuls() if 'reference' in built else None
+  results, dots_alone = timed_steps(built, dots, args.warmup, args.steps)
+  report = {name: rates(results[name], config, lengths, peak) | memory[name] for name in built}
+  if 'reference' in report:
+    report['ratio_ours_over_reference'] = harness.ratios(report['ours'], report['reference'])
+    report['ours_matmuls_alone'] = harness.matmuls_alone(float(np.median(dots_alone)), report)
   print(
       json.dumps(
           {
@@ -294,6 +339,8 @@ def main(argv=None):
               'lengths': lengths,
               'dtype': args.dtype,
               'steps': args.steps,
+              'sides': args.sides,
+              'optimizer': args.optimizer,
               'machine': harness.machine(peak),
               **report,
           },
