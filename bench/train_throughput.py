@@ -34,6 +34,8 @@ from bench import harness, reference_torch
 from dsbs_jax import losses, network, optimizers, partitioning, trainer
 
 BATCHES = 16  # our distinct packed batches, cycled
+# What each --sides times; a memory child runs for each.
+SIDES = {'both': ('ours', 'reference'), 'ours': ('ours',)}
 
 
 def parse_args(argv=None):
@@ -75,7 +77,7 @@ def parse_args(argv=None):
   p.add_argument(
       '--sides',
       default='both',
-      choices=['both', 'ours'],
+      choices=sorted(SIDES),
       help='ours: time our step alone, building no reference model',
   )
   p.add_argument(
@@ -86,7 +88,7 @@ def parse_args(argv=None):
   )
   harness.add_shared_flags(p)
   args = p.parse_args(argv)
-  if args.optimizer != 'adamw' and args.sides != 'ours':
+  if args.optimizer != 'adamw' and 'reference' in SIDES[args.sides]:
     p.error(f'--optimizer={args.optimizer} needs --sides=ours: the reference trains with AdamW')
   return args
 
@@ -193,7 +195,8 @@ def build(args):
   inputs = harness.prepared(
       args.prepared, prepared_key(args), lambda: _inputs(args, lengths, rationale)
   )
-  torch_model, params = harness.same_weights(config) if args.sides == 'both' else (None, None)
+  with_reference = 'reference' in SIDES[args.sides]
+  torch_model, params = harness.same_weights(config) if with_reference else (None, None)
   return config, lengths, inputs, rationale, torch_model, params
 
 
@@ -235,7 +238,7 @@ def sides(args, config, inputs, rationale, torch_model, params):
           args.optimizer,
       ),
   }
-  if args.sides == 'both':
+  if 'reference' in SIDES[args.sides]:
     made['reference'] = lambda: Reference(
         torch_model, inputs['rows'], args.batch_size, rationale, args.grad_steps, autocast
     )
@@ -306,7 +309,7 @@ def main(argv=None):
   memory = harness.children_memory(
       'bench/train_throughput.py',
       sys.argv[1:] if argv is None else list(argv),
-      ['ours'] if args.sides == 'ours' else ['ours', 'reference'],
+      SIDES[args.sides],
   )
   config, lengths, inputs, rationale, torch_model, params = build(args)
   built = {
