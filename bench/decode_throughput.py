@@ -41,8 +41,17 @@ def parse_args(argv=None):
   p.add_argument('--batches', type=int, default=3, help='the set is this many batches')
   p.add_argument('--repeats', type=int, default=3, help='timed passes over the set per side')
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  p.add_argument(
+      '--max_input_widths',
+      type=int,
+      default=decoding.MAX_INPUT_WIDTHS,
+      help="the Evaluator's EvaluationConfig.max_input_widths: input widths per set",
+  )
   harness.add_shared_flags(p)
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.max_input_widths < 1:
+    p.error(f'--max_input_widths={args.max_input_widths}: must be >= 1')
+  return args
 
 
 def _inputs(args) -> dict:
@@ -87,7 +96,7 @@ def build(args):
   model = harness.student(config, inputs['vocab'])
   predict = jax.jit(lambda p, b: model.predict_batch(p, b, max_decode_length=args.max_new_tokens))
 
-  def decode(rows, chosen):
+  def decode(rows, chosen, width):
     tokens = np.zeros((args.batch_size, args.inputs), np.int32)
     for i, r in enumerate(chosen):
       tokens[i, : len(rows[r])] = rows[r]
@@ -95,14 +104,16 @@ def build(args):
         'encoder_input_tokens': tokens,
         'decoder_input_tokens': np.zeros((args.batch_size, args.max_new_tokens), np.int32),
     }
-    out = predict(params, decoding.trim_inputs(batch, decoding.INPUT_LENGTH_MULTIPLE))
+    out = predict(params, decoding.with_input_width(batch, width))
     return np.asarray(out)[: len(chosen)].tolist()
 
   def ours(rows, batches=None):
     lengths = np.array([len(r) for r in rows])
+    batches = batches or decoding.length_sorted_batches(lengths, args.batch_size)
+    widths = decoding.batch_widths(lengths, batches, args.max_input_widths)
     predictions: list = [None] * len(rows)
-    for chosen in batches or decoding.length_sorted_batches(lengths, args.batch_size):
-      for i, tokens in zip(chosen, decode(rows, chosen), strict=True):
+    for chosen, width in zip(batches, widths, strict=True):
+      for i, tokens in zip(chosen, decode(rows, chosen, int(width)), strict=True):
         predictions[i] = tokens
     return predictions
 
@@ -191,6 +202,7 @@ def main(argv=None):
               'examples': len(rows),
               'max_new_tokens': args.max_new_tokens,
               'dtype': args.dtype,
+              'max_input_widths': args.max_input_widths,
               'machine': harness.machine(),
               **report,
           },

@@ -3,13 +3,12 @@ ordering and trimming that keep decoding's batches narrow and its compiled shape
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 Array = jax.Array
 Cache = Any
@@ -52,25 +51,75 @@ def greedy_decode(
   return jax.lax.while_loop(cond, body, init)[2]
 
 
-# Decoded inputs are trimmed to a multiple of this many tokens (`trim_inputs`).
-INPUT_LENGTH_MULTIPLE = 64
+# Decoded input widths are multiples of this many tokens (`batch_widths`).
+WIDTH_ALIGNMENT = 8
+# Evaluation compiles at most this many input widths per task and split
+# (evaluation.EvaluationConfig.max_input_widths).
+MAX_INPUT_WIDTHS = 8
 
 
-def trim_inputs(batch: Mapping[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
-  """The batch without the encoder columns past its longest input, rounded up to
-  a multiple of `multiple`.
+def batch_widths(
+    lengths: np.ndarray,
+    batches: Sequence[np.ndarray],
+    max_widths: int,
+    alignment: int = WIDTH_ALIGNMENT,
+) -> np.ndarray:
+  """Each batch's input width: at most `max_widths` distinct widths, multiples of
+  `alignment`, with the least total ([n] input lengths and batches of row
+  indices in, [len(batches)] widths out).
 
-  Decoding cost grows with the encoder length (the encoder pass and every
-  step's cross-attention), so a batch should not pay for the longest input of
-  the whole split; rounding bounds the compiled shapes to
-  feature_length / multiple. All processes agree on the width (SPMD).
+  Every batch has the same rows, so a batch costs about its width (the encoder
+  and every step's cross-attention), and each distinct width compiles once. A
+  fixed grid of widths (multiples of 64) pads a batch of 130-token inputs to
+  192; chosen from the split, its widths fit its batches. Exact by dynamic
+  programming over the m distinct aligned widths the batches need: O(m^2 k).
   """
-  tokens = batch['encoder_input_tokens']
-  longest = max(int(input_lengths(tokens).max(initial=0)), 1)
-  width = min(tokens.shape[1], -(-longest // multiple) * multiple)
-  if jax.process_count() > 1:
-    width = int(np.max(multihost_utils.process_allgather(np.asarray(width))))
-  return {k: v[:, :width] if k.startswith('encoder_') else v for k, v in batch.items()}
+  if max_widths < 1:
+    raise ValueError(f'max_widths must be >= 1, got {max_widths}')
+  longest = np.array([max(int(np.max(lengths[b], initial=0)), 1) for b in batches])
+  needs = -(-longest // alignment) * alignment
+  widths, counts = np.unique(needs, return_counts=True)
+  if len(widths) > max_widths:
+    widths = widths[_least_padding_widths(widths, np.cumsum(counts), max_widths)]
+  return widths[np.searchsorted(widths, needs)]
+
+
+def _least_padding_widths(widths: np.ndarray, batches: np.ndarray, k: int) -> np.ndarray:
+  """Indices of the k of the m > k sorted `widths` (the widest among them) that
+  minimise the total width when each batch takes the narrowest chosen width it
+  fits; batches[j] is how many batches need widths[j] or less."""
+  m = len(widths)
+  # cost[j]: least total width of the batches needing widths[:j + 1] with
+  # level + 1 chosen widths, the widest widths[j]; choice[level, j]: the next narrower.
+  cost = widths * batches
+  choice = np.zeros((k, m), np.int64)
+  for level in range(1, k):
+    new = np.zeros_like(cost)
+    for j in range(level, m):
+      options = cost[level - 1 : j] + widths[j] * (batches[j] - batches[level - 1 : j])
+      choice[level, j] = level - 1 + int(np.argmin(options))
+      new[j] = options.min()
+    cost = new
+  chosen = [m - 1]
+  for level in range(k - 1, 0, -1):
+    chosen.append(int(choice[level, chosen[-1]]))
+  return np.array(chosen[::-1])
+
+
+def with_input_width(batch: Mapping[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
+  """The batch with its encoder columns cut, or zero-padded, to `width`.
+
+  Decoding cost grows with the encoder length, so a batch should not pay for
+  the longest input of the whole split. Cutting drops only padding.
+  """
+  longest = int(input_lengths(batch['encoder_input_tokens']).max(initial=0))
+  if width < longest:
+    raise ValueError(f'width {width} would cut an input of {longest} tokens')
+
+  def fit(v: np.ndarray) -> np.ndarray:
+    return v[:, :width] if v.shape[1] >= width else np.pad(v, ((0, 0), (0, width - v.shape[1])))
+
+  return {k: fit(v) if k.startswith('encoder_') else v for k, v in batch.items()}
 
 
 def input_lengths(encoder_input_tokens: np.ndarray) -> np.ndarray:

@@ -20,10 +20,11 @@ from jax.experimental import multihost_utils
 from dsbs_jax import losses, monitoring
 from dsbs_jax.data.input_pipeline import numpy_iterator
 from dsbs_jax.decoding import (
-    INPUT_LENGTH_MULTIPLE,
+    MAX_INPUT_WIDTHS,
+    batch_widths,
     input_lengths,
     length_sorted_batches,
-    trim_inputs,
+    with_input_width,
 )
 from dsbs_jax.errors import ConfigError
 from dsbs_jax.models import StepByStepModel
@@ -45,6 +46,10 @@ class EvaluationConfig:
     `teacher_forced/loss`; default: the label task's first metric.
   best_mode: `max` or `min`.
   rationales: also decode the rationale task and score it (ROUGE).
+  max_input_widths: decoding compiles at most this many input widths per task
+    and split, chosen from the split's lengths to pad the least; 1 pads every
+    batch to the split's longest input (one shape, as T5X's inference
+    evaluation does).
   """
 
   period: Optional[int] = None
@@ -55,8 +60,14 @@ class EvaluationConfig:
   best_metric: Optional[str] = None
   best_mode: str = 'max'
   rationales: bool = False
+  max_input_widths: int = MAX_INPUT_WIDTHS
 
   def __post_init__(self):
+    if self.max_input_widths < 1:
+      raise ConfigError(
+          f'evaluation.EvaluationConfig.max_input_widths must be >= 1; got '
+          f'{self.max_input_widths}'
+      )
     if self.period is not None and self.period < 0:
       raise ConfigError(f'evaluation.EvaluationConfig.period must be >= 0; got {self.period}')
     if self.best_mode not in ('max', 'min'):
@@ -100,9 +111,10 @@ class Evaluator:
   As T5X's inference evaluation, it reads the split at its own lengths (SeqIO
   measures them), so no input is cut and decoding stops at the longest target.
   The split is decoded longest inputs first (`length_sorted_batches`), so each
-  batch is about as wide as its own rows. Batches have a fixed number of rows;
-  their inputs are trimmed to a multiple of `input_length_multiple`
-  (`trim_inputs`), so only a few shapes compile.
+  batch is about as wide as its own rows. Batches have a fixed number of rows,
+  and their inputs take at most `max_input_widths` widths, chosen from the
+  split to pad the least (`batch_widths`), so at most that many shapes compile
+  per task and split, and evaluating the same split again compiles none.
   """
 
   def __init__(
@@ -115,7 +127,7 @@ class Evaluator:
       param_shardings: Any,
       log_dir: Optional[str],
       num_examples: Optional[int] = None,
-      input_length_multiple: int = INPUT_LENGTH_MULTIPLE,
+      max_input_widths: int = MAX_INPUT_WIDTHS,
   ):
     loggers = monitoring.seqio_loggers() if log_dir else ()
     self._seqio = [
@@ -132,7 +144,7 @@ class Evaluator:
         for name in task_names
     ]
     self.batch_size = batch_size
-    self.input_length_multiple = input_length_multiple
+    self.max_input_widths = max_input_widths
     self.partitioner = partitioner
     self._predict = jax.jit(
         model.predict_batch,
@@ -148,9 +160,13 @@ class Evaluator:
       if not len(indices):
         return results
       lengths = input_lengths(rows['encoder_input_tokens'])
-      for chosen in length_sorted_batches(lengths, self.batch_size):
+      batches = length_sorted_batches(lengths, self.batch_size)
+      widths = batch_widths(lengths, batches, self.max_input_widths)
+      if jax.process_count() > 1:  # SPMD: every process decodes the same shapes
+        widths = np.max(multihost_utils.process_allgather(widths), axis=0)
+      for chosen, width in zip(batches, widths, strict=True):
         batch = {k: v[chosen] for k, v in rows.items()}
-        padded = trim_inputs(pad_rows(batch, self.batch_size), self.input_length_multiple)
+        padded = with_input_width(pad_rows(batch, self.batch_size), int(width))
         with self.partitioner.activate():
           tokens = self._predict(params, self.partitioner.shard_global_batch(padded))
         tokens = multihost_utils.process_allgather(tokens, tiled=True)

@@ -30,6 +30,9 @@ from dsbs_jax.errors import ConfigError
 
 log = logging.getLogger('dsbs_jax')
 OVERLONG = ('refuse', 'truncate')
+# Inputs are padded to a multiple of this many tokens: a fixed grid, since a
+# server cannot choose its widths from requests it has not seen.
+INPUT_LENGTH_MULTIPLE = 64
 
 
 class RequestError(ValueError):
@@ -73,7 +76,7 @@ class Student:
   ):
     import jax
 
-    from dsbs_jax import decoding, models, network
+    from dsbs_jax import models, network
     from dsbs_jax.data import tasks
 
     self._prefixes = {False: tasks.LABEL_PREFIX, True: tasks.RATIONALE_PREFIX}
@@ -83,7 +86,7 @@ class Student:
       raise ConfigError(f'--overlong {overlong}: choose {" or ".join(OVERLONG)}')
     self.vocabulary, self.overlong = vocabulary, overlong
     self.max_decode_length = max_decode_length
-    multiple = decoding.INPUT_LENGTH_MULTIPLE
+    multiple = INPUT_LENGTH_MULTIPLE
     self.max_input_length = -(-max_input_length // multiple) * multiple
     self.lengths = list(range(multiple, self.max_input_length + 1, multiple))
     self.batch_sizes = sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)})

@@ -169,6 +169,7 @@ class _Evaluation:
                 param_shardings,
                 os.fspath(model_dir / 'inference_eval' / split) if self._is_chief else None,
                 config.num_examples,
+                config.max_input_widths,
             ),
         )
         for split in wanted

@@ -77,6 +77,10 @@ def _custom(tmp_path, test_rows=None):
             "TASK_FEATURE_LENGTHS['inputs'] must be an integer >= 1",
         ),
         (['--gin.BATCH_SIZE=0'], 'BATCH_SIZE must be >= 1'),
+        (
+            ['--gin.evaluation.EvaluationConfig.max_input_widths=0'],
+            'evaluation.EvaluationConfig.max_input_widths must be >= 1; got 0',
+        ),
         (['--gin.undefined_thing.x=1'], 'gin configuration error: No configurable matching'),
         (['--gin.NOPE=1'], 'the macro NOPE (--gin.NOPE) is set but nothing in this run reads it'),
         (['--gin.TRAIN_STEP=5'], 'nothing in this run reads it (did you mean TRAIN_STEPS'),

@@ -3,12 +3,14 @@ Evaluator's length-sorted decoding equals decoding each example alone."""
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import seqio
 from flax import linen as nn
 
@@ -64,8 +66,8 @@ def test_cached_greedy_matches_full_recompute():
   assert cached.shape == (4, length)
 
 
-def test_trimmed_inputs_decode_the_same():
-  """Dropping all-padding encoder columns (to a multiple of 8) changes no prediction."""
+def test_inputs_cut_to_a_width_decode_the_same():
+  """Dropping all-padding encoder columns, or adding some, changes no prediction."""
   vocab = seqio.PassThroughVocabulary(size=50, eos_id=1)
   model = models.StepByStepModel(network.Transformer(CONFIG), vocab, vocab)
   params = nn.meta.unbox(
@@ -77,14 +79,47 @@ def test_trimmed_inputs_decode_the_same():
   enc[:, :11] = np.random.RandomState(1).randint(2, 50, size=(3, 11))
   enc[2, 5:] = 0
   batch = {'encoder_input_tokens': enc, 'decoder_input_tokens': np.zeros((3, 6), np.int32)}
-  trimmed = decoding.trim_inputs(batch, multiple=8)
-  assert trimmed['encoder_input_tokens'].shape == (3, 16)
-  assert trimmed['decoder_input_tokens'].shape == (3, 6)
   predict = jax.jit(model.predict_batch)
-  np.testing.assert_array_equal(predict(params, trimmed), predict(params, batch))
-  assert decoding.trim_inputs(batch, multiple=64)['encoder_input_tokens'].shape == (3, 40)
-  empty = dict(batch, encoder_input_tokens=np.zeros_like(enc))
-  assert decoding.trim_inputs(empty, multiple=8)['encoder_input_tokens'].shape == (3, 8)
+  expected = predict(params, batch)
+  for width in (11, 16, 48):
+    fitted = decoding.with_input_width(batch, width)
+    assert fitted['encoder_input_tokens'].shape == (3, width)
+    assert fitted['decoder_input_tokens'].shape == (3, 6)
+    np.testing.assert_array_equal(predict(params, fitted), expected)
+  with pytest.raises(ValueError, match='width 10 would cut an input of 11 tokens'):
+    decoding.with_input_width(batch, 10)
+
+
+def _fewest_padded_widths(needs: np.ndarray, max_widths: int) -> int:
+  """The least total width by trying every choice of at most `max_widths` widths."""
+  distinct = np.unique(needs)
+  return min(
+      int(np.sum(chosen[np.searchsorted(chosen, needs)]))
+      for k in range(1, min(max_widths, len(distinct)) + 1)
+      for narrower in itertools.combinations(distinct[:-1], k - 1)
+      for chosen in [np.array([*narrower, distinct[-1]])]
+  )
+
+
+def test_batch_widths_pad_the_least_that_so_many_widths_allow():
+  rng = np.random.default_rng(0)
+  for _ in range(300):
+    lengths = rng.integers(0, 300, rng.integers(1, 40))
+    batches = decoding.length_sorted_batches(lengths, int(rng.integers(1, 6)))
+    max_widths, alignment = int(rng.integers(1, 6)), int(rng.choice([1, 8, 64]))
+    widths = decoding.batch_widths(lengths, batches, max_widths, alignment)
+    longest = np.array([max(lengths[b].max(), 1) for b in batches])
+    assert np.all(widths >= longest) and np.all(widths % alignment == 0)
+    assert len(set(widths.tolist())) <= max_widths
+    needs = -(-longest // alignment) * alignment
+    assert widths.sum() == _fewest_padded_widths(needs, max_widths)
+  # A batch of 130-token inputs is 136 wide, not 192 (a grid of multiples of 64).
+  lengths = np.array([130] * 4 + [380] * 4 + [0])
+  batches = decoding.length_sorted_batches(lengths, 4)
+  assert decoding.batch_widths(lengths, batches, 8).tolist() == [384, 136, 8]
+  assert decoding.batch_widths(lengths, batches, 1).tolist() == [384, 384, 384]
+  with pytest.raises(ValueError, match='max_widths must be >= 1'):
+    decoding.batch_widths(lengths, batches, 0)
 
 
 def test_length_sorted_batches_put_the_longest_inputs_first_and_keep_ties_in_order():
@@ -126,6 +161,9 @@ def test_the_evaluator_decodes_by_length_and_returns_the_splits_order(tmp_path):
   inputs = [e['inputs'].numpy() for e in examples]
   length = max(len(e['targets']) for e in examples)
   assert len({len(x) for x in inputs}) > 3  # lengths differ, so sorting reorders them
+  lengths = np.array([len(x) for x in inputs])
+  widths = decoding.batch_widths(lengths, decoding.length_sorted_batches(lengths, 8), 8)
+  assert len(set(widths.tolist())) > 1  # the batches decode at widths of their own
   predict = jax.jit(functools.partial(model.predict_batch, max_decode_length=length))
   width = max(len(x) for x in inputs)
   expected = []
