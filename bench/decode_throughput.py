@@ -3,8 +3,8 @@
 Same weights, the same `--batches` x `--batch_size` test-split inputs, the same
 maximum new tokens. Each side decodes the whole set as its evaluation does:
 ours as the Evaluator, longest inputs first (`decoding.length_sorted_batches`)
-with each batch trimmed; the reference in the split's order, each batch padded
-to its longest. `ours_in_order` is ours batched as the reference, to show what
+at widths chosen from the set (`decoding.batch_widths`); the reference in the
+split's order, each batch padded to its longest. `ours_in_order` is ours batched as the reference, to show what
 the sort brings (and that it changes no prediction). Interleaved timing after a
 warm-up pass; peak memory per side in a child process. Prints one JSON object.
 `--prepared` as in train_throughput.py.
@@ -167,7 +167,7 @@ def main(argv=None):
   )
   sides, rows = build(args)
   predictions = {}
-  for name in sides:  # a whole pass: each trimmed input width compiles before timing
+  for name in sides:  # a whole pass: each input width compiles before timing
     seconds, predictions[name] = timed(sides[name], rows)
     harness.progress(f'warm-up {name}: {seconds:.3f}s')
   times: dict[str, list[float]] = {name: [] for name in sides}

@@ -1,5 +1,5 @@
 """Greedy decoding as a pure `lax.while_loop` over a key/value cache, and the input
-ordering and trimming that keep decoding's batches narrow and its compiled shapes few."""
+ordering and widths that keep decoding's batches narrow and its compiled shapes few."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def batch_widths(
   `alignment`, with the least total ([n] input lengths and batches of row
   indices in, [len(batches)] widths out).
 
-  Every batch has the same rows, so a batch costs about its width (the encoder
+  Every batch has the same number of rows, so a batch costs about its width (the encoder
   and every step's cross-attention), and each distinct width compiles once. A
   fixed grid of widths (multiples of 64) pads a batch of 130-token inputs to
   192; chosen from the split, its widths fit its batches. Exact by dynamic
@@ -76,7 +76,7 @@ def batch_widths(
   """
   if max_widths < 1:
     raise ValueError(f'max_widths must be >= 1, got {max_widths}')
-  longest = np.array([max(int(np.max(lengths[b], initial=0)), 1) for b in batches])
+  longest = np.array([max(int(np.max(lengths[b], initial=0)), 1) for b in batches], np.int64)
   needs = -(-longest // alignment) * alignment
   widths, counts = np.unique(needs, return_counts=True)
   if len(widths) > max_widths:
@@ -84,21 +84,22 @@ def batch_widths(
   return widths[np.searchsorted(widths, needs)]
 
 
-def _least_padding_widths(widths: np.ndarray, batches: np.ndarray, k: int) -> np.ndarray:
+def _least_padding_widths(widths: np.ndarray, covered: np.ndarray, k: int) -> np.ndarray:
   """Indices of the k of the m > k sorted `widths` (the widest among them) that
   minimise the total width when each batch takes the narrowest chosen width it
-  fits; batches[j] is how many batches need widths[j] or less."""
+  fits ([m] widths and [m] covered in, [k] indices out); covered[j] is how many
+  batches need widths[j] or less."""
   m = len(widths)
   # cost[j]: least total width of the batches needing widths[:j + 1] with
   # level + 1 chosen widths, the widest widths[j]; choice[level, j]: the next narrower.
-  cost = widths * batches
+  cost = widths * covered
   choice = np.zeros((k, m), np.int64)
   for level in range(1, k):
     new = np.zeros_like(cost)
     for j in range(level, m):
-      options = cost[level - 1 : j] + widths[j] * (batches[j] - batches[level - 1 : j])
-      choice[level, j] = level - 1 + int(np.argmin(options))
-      new[j] = options.min()
+      options = cost[level - 1 : j] + widths[j] * (covered[j] - covered[level - 1 : j])
+      best = int(np.argmin(options))
+      choice[level, j], new[j] = level - 1 + best, options[best]
     cost = new
   chosen = [m - 1]
   for level in range(k - 1, 0, -1):
@@ -107,7 +108,8 @@ def _least_padding_widths(widths: np.ndarray, batches: np.ndarray, k: int) -> np
 
 
 def with_input_width(batch: Mapping[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
-  """The batch with its encoder columns cut, or zero-padded, to `width`.
+  """The batch with its encoder features cut, or zero-padded, to `width` columns
+  ([b, l] in, [b, width] out; the other features as they are).
 
   Decoding cost grows with the encoder length, so a batch should not pay for
   the longest input of the whole split. Cutting drops only padding.
@@ -134,10 +136,10 @@ def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarr
 
   Batched in the split's order, a batch is as wide as its longest input, so a
   mixed split pays for its long inputs in almost every batch (the encoder and
-  every step's cross-attention). Sorted, each batch's trimmed width fits its
-  rows. The sort is stable, so equal lengths keep the split's order and every
-  process of a multi-host run forms the same batches. Longest first, so the
-  widest batch compiles (and would run out of memory) first.
+  every step's cross-attention). Sorted, each batch's width (`batch_widths`)
+  fits its rows. The sort is stable, so equal lengths keep the split's order
+  and every process of a multi-host run forms the same batches. Longest first,
+  so the widest batch compiles (and would run out of memory) first.
   """
   order = np.argsort(-np.asarray(lengths), kind='stable')
   return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

@@ -47,9 +47,8 @@ class EvaluationConfig:
   best_mode: `max` or `min`.
   rationales: also decode the rationale task and score it (ROUGE).
   max_input_widths: decoding compiles at most this many input widths per task
-    and split, chosen from the split's lengths to pad the least; 1 pads every
-    batch to the split's longest input (one shape, as T5X's inference
-    evaluation does).
+    and split, multiples of 8 chosen from the split's lengths to pad the least;
+    1 pads every batch to the split's longest input rounded up to 8 (one shape).
   """
 
   period: Optional[int] = None
@@ -63,10 +62,11 @@ class EvaluationConfig:
   max_input_widths: int = MAX_INPUT_WIDTHS
 
   def __post_init__(self):
-    if self.max_input_widths < 1:
+    widths = self.max_input_widths
+    if isinstance(widths, bool) or not isinstance(widths, int) or widths < 1:
       raise ConfigError(
-          f'evaluation.EvaluationConfig.max_input_widths must be >= 1; got '
-          f'{self.max_input_widths}'
+          f'evaluation.EvaluationConfig.max_input_widths must be an integer >= 1; got '
+          f'{widths!r}'
       )
     if self.period is not None and self.period < 0:
       raise ConfigError(f'evaluation.EvaluationConfig.period must be >= 0; got {self.period}')
@@ -162,8 +162,8 @@ class Evaluator:
       lengths = input_lengths(rows['encoder_input_tokens'])
       batches = length_sorted_batches(lengths, self.batch_size)
       widths = batch_widths(lengths, batches, self.max_input_widths)
-      if jax.process_count() > 1:  # SPMD: every process decodes the same shapes
-        widths = np.max(multihost_utils.process_allgather(widths), axis=0)
+      if jax.process_count() > 1:  # SPMD: each process holds the whole split
+        multihost_utils.assert_equal(widths, 'the processes read different evaluation splits')
       for chosen, width in zip(batches, widths, strict=True):
         batch = {k: v[chosen] for k, v in rows.items()}
         padded = with_input_width(pad_rows(batch, self.batch_size), int(width))

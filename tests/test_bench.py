@@ -169,6 +169,14 @@ def test_adafactor_is_refused_beside_the_reference():
   assert train_throughput.parse_args(['--optimizer=adafactor', '--sides=ours']).sides == 'ours'
 
 
+def test_the_decode_bench_refuses_fewer_than_one_width(capsys):
+  with pytest.raises(SystemExit) as error:
+    decode_throughput.parse_args(['--max_input_widths=0'])
+  assert error.value.code == 2
+  assert '--max_input_widths=0: must be >= 1' in capsys.readouterr().err
+  assert decode_throughput.parse_args(['--max_input_widths=1']).max_input_widths == 1
+
+
 def _blocking(tmp_path) -> str:
   """A PYTHONPATH entry under which `import tensorflow` and `import seqio` fail."""
   blocker = tmp_path / 'no_tensorflow'

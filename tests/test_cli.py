@@ -79,7 +79,11 @@ def _custom(tmp_path, test_rows=None):
         (['--gin.BATCH_SIZE=0'], 'BATCH_SIZE must be >= 1'),
         (
             ['--gin.evaluation.EvaluationConfig.max_input_widths=0'],
-            'evaluation.EvaluationConfig.max_input_widths must be >= 1; got 0',
+            'evaluation.EvaluationConfig.max_input_widths must be an integer >= 1; got 0',
+        ),
+        (
+            ['--gin.evaluation.EvaluationConfig.max_input_widths=2.5'],
+            'evaluation.EvaluationConfig.max_input_widths must be an integer >= 1; got 2.5',
         ),
         (['--gin.undefined_thing.x=1'], 'gin configuration error: No configurable matching'),
         (['--gin.NOPE=1'], 'the macro NOPE (--gin.NOPE) is set but nothing in this run reads it'),
