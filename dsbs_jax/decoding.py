@@ -68,11 +68,12 @@ def batch_widths(
   `alignment`, with the least total ([n] input lengths and batches of row
   indices in, [len(batches)] widths out).
 
-  Every batch has the same number of rows, so a batch costs about its width (the encoder
-  and every step's cross-attention), and each distinct width compiles once. A
-  fixed grid of widths (multiples of 64) pads a batch of 130-token inputs to
-  192; chosen from the split, its widths fit its batches. Exact by dynamic
-  programming over the m distinct aligned widths the batches need: O(m^2 k).
+  Every batch has the same number of rows, so a batch costs about its width
+  (the encoder and every step's cross-attention), and each distinct width
+  compiles once. A fixed grid of widths (multiples of 64) pads a batch of
+  130-token inputs to 192; chosen from the split, its widths fit its batches.
+  Exact by dynamic programming over the m distinct aligned widths the batches
+  need: O(m^2 k).
   """
   if max_widths < 1:
     raise ValueError(f'max_widths must be >= 1, got {max_widths}')
