@@ -4,9 +4,10 @@ Same weights, the same `--batches` x `--batch_size` test-split inputs, the same
 maximum new tokens. Each side decodes the whole set as its evaluation does:
 ours as the Evaluator, longest inputs first (`decoding.length_sorted_batches`)
 at widths chosen from the set (`decoding.batch_widths`); the reference in the
-split's order, each batch padded to its longest. `ours_in_order` is ours batched as the reference, to show what
-the sort brings (and that it changes no prediction). Interleaved timing after a
-warm-up pass; peak memory per side in a child process. Prints one JSON object.
+split's order, each batch padded to its longest. `ours_in_order` is ours
+batched as the reference, to show what the sort brings (and that it changes
+no prediction). Interleaved timing after a warm-up pass; peak memory per side
+in a child process. Prints one JSON object.
 `--prepared` as in train_throughput.py.
 
     python bench/decode_throughput.py --config=small
