@@ -6,8 +6,9 @@ ours as the Evaluator, longest inputs first (`decoding.length_sorted_batches`)
 at widths chosen from the set (`decoding.batch_widths`); the reference in the
 split's order, each batch padded to its longest. `ours_in_order` is ours
 batched as the reference, to show what the sort brings (and that it changes
-no prediction). Interleaved timing after a warm-up pass; peak memory per side
-in a child process. Prints one JSON object.
+no prediction). `--devices=N` splits our batches over N devices, as the
+Evaluator splits its batches over its mesh. Interleaved timing after a warm-up
+pass; peak memory per side in a child process. Prints one JSON object.
 `--prepared` as in train_throughput.py.
 
     python bench/decode_throughput.py --config=small
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from bench import harness, reference_torch
-from dsbs_jax import decoding
+from dsbs_jax import decoding, partitioning
 
 
 def parse_args(argv=None):
@@ -43,6 +44,13 @@ def parse_args(argv=None):
   p.add_argument('--repeats', type=int, default=3, help='timed passes over the set per side')
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   p.add_argument(
+      '--devices',
+      type=int,
+      default=1,
+      help='split each of our batches over this many devices, as the Evaluator does over '
+      'its mesh (N CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=N)',
+  )
+  p.add_argument(
       '--max_input_widths',
       type=int,
       default=decoding.MAX_INPUT_WIDTHS,
@@ -52,6 +60,11 @@ def parse_args(argv=None):
   args = p.parse_args(argv)
   if args.max_input_widths < 1:
     p.error(f'--max_input_widths={args.max_input_widths}: must be >= 1')
+  if args.devices < 1 or args.batch_size % args.devices:
+    p.error(f'--devices={args.devices}: must divide --batch_size={args.batch_size}')
+  # Asked only when it matters: asking starts the backend (children_memory wants it idle).
+  if args.devices > 1 and args.devices > jax.device_count():
+    p.error(f'--devices={args.devices}: JAX sees {jax.device_count()} device(s)')
   return args
 
 
@@ -92,10 +105,14 @@ def build(args):
   config = dataclasses.replace(harness.CONFIGS[args.config], dtype=args.dtype)
   inputs = harness.prepared(args.prepared, prepared_key(args), lambda: _inputs(args))
   torch_model, params = harness.same_weights(config)
-  params = jax.device_put(params)  # once, as a server holds them
+  partitioner = partitioning.Partitioner(devices=jax.devices()[: args.devices])
+  params = jax.device_put(params, partitioner.replicated())  # once, as a server holds them
   autocast = torch.bfloat16 if args.dtype == 'bfloat16' else None
   model = harness.student(config, inputs['vocab'])
-  predict = jax.jit(lambda p, b: model.predict_batch(p, b, max_decode_length=args.max_new_tokens))
+  predict = jax.jit(
+      lambda p, b: model.predict_batch(p, b, max_decode_length=args.max_new_tokens),
+      out_shardings=partitioner.batch_sharding(),
+  )
 
   def decode(rows, chosen, width):
     tokens = np.zeros((args.batch_size, args.inputs), np.int32)
@@ -105,7 +122,8 @@ def build(args):
         'encoder_input_tokens': tokens,
         'decoder_input_tokens': np.zeros((args.batch_size, args.max_new_tokens), np.int32),
     }
-    out = predict(params, decoding.with_input_width(batch, width))
+    with partitioner.activate():
+      out = predict(params, partitioner.shard_batch(decoding.with_input_width(batch, width)))
     return np.asarray(out)[: len(chosen)].tolist()
 
   def ours(rows, batches=None):
@@ -204,6 +222,7 @@ def main(argv=None):
               'max_new_tokens': args.max_new_tokens,
               'dtype': args.dtype,
               'max_input_widths': args.max_input_widths,
+              'devices': args.devices,
               'machine': harness.machine(),
               **report,
           },

@@ -177,6 +177,35 @@ def test_the_decode_bench_refuses_fewer_than_one_width(capsys):
   assert decode_throughput.parse_args(['--max_input_widths=1']).max_input_widths == 1
 
 
+def test_the_decode_bench_refuses_devices_it_cannot_split_over(capsys):
+  count = jax.device_count()
+  for flags, message in [
+      (['--devices=3'], '--devices=3: must divide --batch_size=64'),
+      (['--devices=0'], '--devices=0: must divide --batch_size=64'),
+      (
+          [f'--devices={2 * count}', f'--batch_size={2 * count}'],
+          f'--devices={2 * count}: JAX sees {count} device(s)',
+      ),
+  ]:
+    with pytest.raises(SystemExit) as error:
+      decode_throughput.parse_args(flags)
+    assert error.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_decode_bench_over_two_devices_predicts_as_over_one(data_root, monkeypatch):
+  """Split over devices (as the Evaluator over its mesh), every prediction is the same."""
+  monkeypatch.setenv('DSBS_DATA_ROOT', data_root)
+  flags = ['--config=mini', '--batch_size=4', '--batches=2', '--inputs=128', '--max_new_tokens=8']
+  predictions = []
+  for devices in (1, 2):
+    sides, rows = decode_throughput.build(
+        decode_throughput.parse_args([*flags, f'--devices={devices}'])
+    )
+    predictions.append(sides['ours'](rows))
+  assert len(predictions[0]) == 8 and predictions[0] == predictions[1]
+
+
 def _blocking(tmp_path) -> str:
   """A PYTHONPATH entry under which `import tensorflow` and `import seqio` fail."""
   blocker = tmp_path / 'no_tensorflow'
@@ -192,7 +221,7 @@ def _blocking(tmp_path) -> str:
         (train_throughput, TINY_TRAIN),
         (
             decode_throughput,
-            ['--batch_size=4', '--batches=1', '--inputs=128', '--max_new_tokens=8'],
+            ['--batch_size=4', '--batches=1', '--inputs=128', '--max_new_tokens=8', '--devices=2'],
         ),
     ],
 )
