@@ -61,7 +61,7 @@ def parse_args(argv=None):
   if args.max_input_widths < 1:
     p.error(f'--max_input_widths={args.max_input_widths}: must be >= 1')
   if args.devices < 1 or args.batch_size % args.devices:
-    p.error(f'--devices={args.devices}: must divide --batch_size={args.batch_size}')
+    p.error(f'--devices={args.devices}: must be >= 1 and divide --batch_size={args.batch_size}')
   # Asked only when it matters: asking starts the backend (children_memory wants it idle).
   if args.devices > 1 and args.devices > jax.device_count():
     p.error(f'--devices={args.devices}: JAX sees {jax.device_count()} device(s)')

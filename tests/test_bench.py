@@ -180,8 +180,8 @@ def test_the_decode_bench_refuses_fewer_than_one_width(capsys):
 def test_the_decode_bench_refuses_devices_it_cannot_split_over(capsys):
   count = jax.device_count()
   for flags, message in [
-      (['--devices=3'], '--devices=3: must divide --batch_size=64'),
-      (['--devices=0'], '--devices=0: must divide --batch_size=64'),
+      (['--devices=3'], '--devices=3: must be >= 1 and divide --batch_size=64'),
+      (['--devices=0'], '--devices=0: must be >= 1 and divide --batch_size=64'),
       (
           [f'--devices={2 * count}', f'--batch_size={2 * count}'],
           f'--devices={2 * count}: JAX sees {count} device(s)',
