@@ -193,10 +193,11 @@ def test_the_decode_bench_refuses_devices_it_cannot_split_over(capsys):
     assert message in capsys.readouterr().err
 
 
-def test_the_decode_bench_over_two_devices_predicts_as_over_one(data_root, monkeypatch):
+def test_the_decode_bench_over_two_devices_predicts_as_over_one(data_root, monkeypatch, tmp_path):
   """Split over devices (as the Evaluator over its mesh), every prediction is the same."""
   monkeypatch.setenv('DSBS_DATA_ROOT', data_root)
   flags = ['--config=mini', '--batch_size=4', '--batches=2', '--inputs=128', '--max_new_tokens=8']
+  flags += [f'--prepared={tmp_path / "inputs.npz"}']  # built by the first pass, read by the second
   predictions = []
   for devices in (1, 2):
     sides, rows = decode_throughput.build(
