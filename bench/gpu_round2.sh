@@ -12,6 +12,8 @@
 #   base_one_block  the same with all 512 query rows in one attention block (no lax.map)
 #   base_one_pass   the same with the batch in one pass (--grad_steps=1)
 #   base_no_cmdbuf  the same with XLA's command buffers off
+#   base_32k        base with T5's 32128-id head on both sides (the ids stay bytes)
+#   base_32k_chunked the same, our loss taking 64 target positions' logits at a time
 #   large           T5 1.1 large, as base
 #   decode_base     greedy decoding at base, 6 batches of 64, sorted by length
 #   largest         T5 1.1 XL (3B), our step alone with remat, batch 64 in one pass:
@@ -55,6 +57,9 @@ EOF
         base_one_block) flags=("${train[@]}" --config=base "${two[@]}" --attention_block_size=512) ;;
         base_one_pass) flags=("${train[@]}" --config=base --grad_steps=1 "--prepared=$dir/train_1.npz") ;;
         base_no_cmdbuf) flags=("${train[@]}" --config=base "${two[@]}") xla=--xla_gpu_enable_command_buffer= ;;
+        base_32k) flags=("${train[@]}" --config=base "${two[@]}" --vocab_size=32128) ;;
+        base_32k_chunked)
+          flags=("${train[@]}" --config=base "${two[@]}" --vocab_size=32128 --loss_chunk_length=64) ;;
         large) flags=("${train[@]}" --config=large "${two[@]}") ;;
         decode_base) flags=("${decode[@]}" --config=base) ;;
         largest) flags=("${train[@]}" --config=xl --sides=ours --remat --grad_steps=1 "--prepared=$dir/train_1.npz") ;;

@@ -11,7 +11,9 @@ TensorFlow (a GPU box) run from inputs prepared where the data is.
 
 `--sides=ours` times our step alone (no reference model is built), e.g. to find
 the largest model one device trains: `--config=xl --sides=ours --remat`, with
-`--optimizer=adafactor` if AdamW's state does not fit.
+`--optimizer=adafactor` if AdamW's state does not fit. `--vocab_size=32128`
+gives both sides T5's SentencePiece-sized head (the ids stay bytes), and
+`--loss_chunk_length` has our loss take its logits a chunk at a time.
 """
 
 from __future__ import annotations
@@ -75,6 +77,20 @@ def parse_args(argv=None):
       help='query rows our attention takes at a time (T5Config.attention_block_size)',
   )
   p.add_argument(
+      '--vocab_size',
+      type=int,
+      default=0,
+      help="both sides' output vocabulary (0: the config's 384, the byte vocabulary's); "
+      "32128 is T5's SentencePiece head, whose logits dominate a step's activations",
+  )
+  p.add_argument(
+      '--loss_chunk_length',
+      type=int,
+      default=0,
+      help='target positions whose logits our loss computes at a time '
+      '(StepByStepModel.loss_chunk_length); 0: all at once',
+  )
+  p.add_argument(
       '--sides',
       default='both',
       choices=sorted(SIDES),
@@ -90,6 +106,8 @@ def parse_args(argv=None):
   args = p.parse_args(argv)
   if args.optimizer != 'adamw' and 'reference' in SIDES[args.sides]:
     p.error(f'--optimizer={args.optimizer} needs --sides=ours: the reference trains with AdamW')
+  if args.vocab_size < 0 or args.loss_chunk_length < 0:
+    p.error('--vocab_size and --loss_chunk_length must be >= 0 (0: the default)')
   return args
 
 
@@ -100,9 +118,21 @@ class Ours:
   params None: the step trains its own initialisation (`--sides=ours`).
   """
 
-  def __init__(self, config, params, vocab, batches, rationale, grad_steps=1, optimizer='adamw'):
+  def __init__(
+      self,
+      config,
+      params,
+      vocab,
+      batches,
+      rationale,
+      grad_steps=1,
+      optimizer='adamw',
+      loss_chunk_length=None,
+  ):
     weights = losses.task_weights(alpha=0.5) if rationale else (1.0, 0.0)
-    model = harness.student(config, vocab, task_weights=weights)
+    model = harness.student(
+        config, vocab, task_weights=weights, loss_chunk_length=loss_chunk_length
+    )
     self.trainer = trainer.Trainer(
         model,
         optimizers.create_optimizer(optimizer, 5e-5),
@@ -189,6 +219,7 @@ def build(args):
       dtype=args.dtype,
       remat=args.remat,
       attention_block_size=args.attention_block_size,
+      vocab_size=args.vocab_size or config.vocab_size,
   )
   lengths = {'inputs': args.inputs, 'targets': args.targets}
   rationale = args.variant == 'step_by_step'
@@ -236,6 +267,7 @@ def sides(args, config, inputs, rationale, torch_model, params):
           rationale,
           args.grad_steps,
           args.optimizer,
+          args.loss_chunk_length or None,
       ),
   }
   if 'reference' in SIDES[args.sides]:
@@ -339,6 +371,8 @@ def main(argv=None):
               'grad_steps': args.grad_steps,
               'remat': args.remat,
               'attention_block_size': args.attention_block_size,
+              'vocab_size': config.vocab_size,
+              'loss_chunk_length': args.loss_chunk_length or None,
               'lengths': lengths,
               'dtype': args.dtype,
               'steps': args.steps,

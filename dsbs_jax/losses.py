@@ -11,12 +11,12 @@ w = (alpha, 1 - alpha) it is the reference code's form. Because each task is
 averaged over its own tokens, a packed batch that mixes both tasks gives the
 same value as the reference's two separate forward passes.
 
-Shapes: b = batch, l = target length, v = vocabulary, k = number of tasks.
+Shapes: b = batch, l = target length, e = embed, v = vocabulary, k = number of tasks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import jax
@@ -63,17 +63,62 @@ def token_cross_entropy(
   vocab = logits.shape[-1]
   logits = logits.astype(jnp.float32)
   log_z = jax.nn.logsumexp(logits, axis=-1)
-  log_probs = logits - log_z[..., None]
-  confidence = 1.0 - label_smoothing
+  # -log p(target) = log_z - logit(target): no [b, l, v] log-probabilities or one-hot
+  # targets are built, which at T5's 32k vocabulary made the loss's backward pass
+  # slower than the head's matmuls on a CPU (`bench/README.md`).
+  loss = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   if label_smoothing > 0.0:
+    # The smoothed target puts `low` on every id and `confidence` on the target,
+    # and sums to 1: -sum(soft * log_probs) = log_z - sum(soft * logits).
+    confidence = 1.0 - label_smoothing
     low = label_smoothing / (vocab - 1)
-    soft = jax.nn.one_hot(targets, vocab) * (confidence - low) + low
-    loss = -jnp.sum(soft * log_probs, axis=-1)
+    loss = (confidence - low) * loss + low * (vocab * log_z - jnp.sum(logits, axis=-1))
     loss -= -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low + 1e-20))
-  else:
-    loss = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
   z = z_loss * jnp.square(log_z)
   return loss + z, z
+
+
+def head_cross_entropy(
+    hidden: Array,
+    targets: Array,
+    head: Callable[[Array], Array],
+    chunk_length: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> tuple[Array, Array, Array]:
+  """`token_cross_entropy` of the output head's logits, `chunk_length` target
+  positions at a time.
+
+  hidden [b, l, e], targets [b, l] int, head [b, c, e] -> float32 logits [b, c, v]
+  -> (loss [b, l], z_loss [b, l], correct [b, l]: 1.0 where the argmax is the target).
+
+  With `chunk_length` < l one chunk's [b, chunk_length, v] logits exist at a
+  time, in the forward pass and, recomputed, in the backward pass, instead of
+  all [b, l, v] logits and their softmax: at T5's 32k vocabulary those are a
+  large share of a step's activations. The length is padded to whole chunks and
+  the padding sliced off again.
+  """
+
+  def per_token(h: Array, t: Array) -> tuple[Array, Array, Array]:
+    logits = head(h)
+    loss, z = token_cross_entropy(logits, t, label_smoothing, z_loss)
+    return loss, z, (jnp.argmax(logits, -1) == t).astype(jnp.float32)
+
+  batch, length = targets.shape
+  if chunk_length is None or chunk_length >= length:
+    return per_token(hidden, targets)
+  n = -(-length // chunk_length)
+  pad = n * chunk_length - length
+  hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+  targets = jnp.pad(targets, ((0, 0), (0, pad)))
+
+  def chunks(x: Array) -> Array:
+    return x.reshape(batch, n, chunk_length, *x.shape[2:]).swapaxes(0, 1)
+
+  recomputed = jax.checkpoint(per_token)
+  out = jax.lax.map(lambda xs: recomputed(*xs), (chunks(hidden), chunks(targets)))
+  loss, z, correct = (o.swapaxes(0, 1).reshape(batch, n * chunk_length)[:, :length] for o in out)
+  return loss, z, correct
 
 
 def task_token_counts(task_ids: Array, num_tasks: int) -> Array:

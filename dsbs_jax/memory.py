@@ -27,6 +27,7 @@ def activation_bytes_estimate(
     input_shapes: Mapping[str, tuple[int, ...]],
     mesh_shape: Mapping[str, int],
     microbatch_rows: Optional[int] = None,
+    loss_chunk_length: Optional[int] = None,
 ) -> float:
   """Rough bytes per device of the activations a train step keeps for backprop.
 
@@ -37,9 +38,10 @@ def activation_bytes_estimate(
   Per token and layer: ~10 (encoder) / 14 (decoder) embed-sized tensors and 3
   mlp-sized; attention keeps none of its [b, h, q, k] tensors, but one block
   of them (logits, probabilities, gradient) exists at a time; plus float32
-  logits (x3 for softmax and its gradient). Model-parallel axes divide heads,
-  mlp and vocab. With remat only each layer's input is kept, plus one layer's
-  worth at a time.
+  logits (x3 for softmax and its gradient), only `loss_chunk_length` target
+  positions' of them when the loss takes a chunk at a time. Model-parallel
+  axes divide heads, mlp and vocab. With remat only each layer's input is
+  kept, plus one layer's worth at a time.
   """
   batch, enc = input_shapes['encoder_input_tokens']
   dec = input_shapes['decoder_input_tokens'][1]
@@ -57,7 +59,7 @@ def activation_bytes_estimate(
     ) + max(per_enc, per_dec)
   else:
     elements = config.num_encoder_layers * per_enc + config.num_decoder_layers * per_dec
-  logits = 3 * b * dec * config.vocab_size / m
+  logits = 3 * b * min(loss_chunk_length or dec, dec) * config.vocab_size / m
   return elements * size + (attention_block + logits) * 4
 
 
@@ -102,7 +104,10 @@ def memory_plan(
   m, data = trainer.num_microbatches, mesh_shape.get('data', 1)
   # The input pipeline pads a step to whole microbatches over the data axis.
   rows = -(-input_shapes['encoder_input_tokens'][0] // (data * m)) * data
-  act = activation_bytes_estimate(trainer.model.module.config, input_shapes, mesh_shape, rows)
+  model = trainer.model
+  act = activation_bytes_estimate(
+      model.module.config, input_shapes, mesh_shape, rows, model.loss_chunk_length
+  )
   micro = f', one of {m} microbatches' if m > 1 else ''
   gib = 2.0**30
   lines.append(

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from dsbs_jax import decoding, losses, network
+from dsbs_jax.errors import ConfigError
 
 if TYPE_CHECKING:
   import seqio
@@ -46,7 +47,15 @@ class StepByStepModel:
       task_weights: Sequence[float] = (1.0, 1.0),
       label_smoothing: float = 0.0,
       z_loss: float = 0.0,
+      loss_chunk_length: Optional[int] = None,
   ):
+    """`loss_chunk_length`: target positions whose logits the loss computes at a
+    time (`losses.head_cross_entropy`); None computes all at once."""
+    if loss_chunk_length is not None and loss_chunk_length < 1:
+      raise ConfigError(
+          f'LOSS_CHUNK_LENGTH (StepByStepModel.loss_chunk_length) must be >= 1 or None; '
+          f'got {loss_chunk_length}'
+      )
     if module.config.vocab_size < output_vocabulary.vocab_size:
       raise ValueError(
           f'T5Config.vocab_size={module.config.vocab_size} is smaller than the '
@@ -58,6 +67,7 @@ class StepByStepModel:
     self.task_weights = tuple(float(w) for w in task_weights)
     self.label_smoothing = label_smoothing
     self.z_loss = z_loss
+    self.loss_chunk_length = loss_chunk_length
 
   def get_initial_variables(
       self,
@@ -71,9 +81,18 @@ class StepByStepModel:
     dec = jnp.ones(input_shapes['decoder_input_tokens'], jnp.int32)
     return self.module.init({'params': rng}, enc, dec, dec, enable_dropout=False)
 
-  def _logits(self, params: Params, batch: Batch, dropout_rng: Optional[Array]) -> Array:
+  def _token_losses(
+      self,
+      params: Params,
+      batch: Batch,
+      dropout_rng: Optional[Array],
+      label_smoothing: float = 0.0,
+      z_loss: float = 0.0,
+  ) -> tuple[Array, Array, Array]:
+    """Teacher-forced (loss, z_loss, correct), each [b, l], the head applied
+    `loss_chunk_length` positions at a time."""
     rngs = {'dropout': dropout_rng} if dropout_rng is not None else None
-    logits = self.module.apply(
+    hidden = self.module.apply(
         {'params': params},
         batch['encoder_input_tokens'],
         batch['decoder_input_tokens'],
@@ -81,9 +100,19 @@ class StepByStepModel:
         batch.get('encoder_segment_ids'),
         batch.get('decoder_segment_ids'),
         enable_dropout=dropout_rng is not None,
+        logits=False,
         rngs=rngs,
     )
-    return cast(Array, logits)
+    config = self.module.config
+    weight = network.head_weight(params, config)
+    return losses.head_cross_entropy(
+        cast(Array, hidden),
+        batch['decoder_target_tokens'],
+        lambda h: network.head_logits(h, weight, config),
+        self.loss_chunk_length,
+        label_smoothing,
+        z_loss,
+    )
 
   @staticmethod
   def task_ids(batch: Batch) -> Array:
@@ -105,16 +134,13 @@ class StepByStepModel:
     `task_token_counts` [k], the whole batch's, makes a microbatch's loss and
     metrics its additive share of the whole batch's (gradient accumulation).
     """
-    logits = self._logits(params, batch, dropout_rng)
-    targets = batch['decoder_target_tokens']
-    token_loss, token_z = losses.token_cross_entropy(
-        logits, targets, self.label_smoothing, self.z_loss
+    token_loss, token_z, correct = self._token_losses(
+        params, batch, dropout_rng, self.label_smoothing, self.z_loss
     )
     task_ids = self.task_ids(batch)
     loss, task_losses, counts = losses.multitask_loss(
         token_loss, task_ids, self.task_weights, task_token_counts
     )
-    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
     task_acc, _ = losses.per_task_mean(correct, task_ids, len(self.task_weights), counts)
     z_means, _ = losses.per_task_mean(token_z, task_ids, len(self.task_weights), counts)
     metrics = {'loss': loss, 'z_loss': jnp.sum(jnp.asarray(self.task_weights) * z_means)}
@@ -126,8 +152,7 @@ class StepByStepModel:
 
   def score_batch(self, params: Params, batch: Batch) -> Array:
     """[b] log-likelihood of each (unpacked) row's targets."""
-    logits = self._logits(params, batch, None)
-    token_loss, _ = losses.token_cross_entropy(logits, batch['decoder_target_tokens'])
+    token_loss, _, _ = self._token_losses(params, batch, None)
     weights = batch.get('decoder_loss_weights', batch['decoder_target_tokens'] > 0)
     return -jnp.sum(token_loss * weights, axis=-1)
 

@@ -193,7 +193,7 @@ class Dense(nn.Module):
 
 
 class Embed(nn.Module):
-  """Token embedding; `attend` gives the tied output projection of T5 v1.0."""
+  """Token embedding; with `logits_via_embedding` also T5 v1.0's tied output head."""
 
   num_embeddings: int
   features: int
@@ -212,9 +212,29 @@ class Embed(nn.Module):
     """[b, l] int -> [b, l, e]."""
     return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
 
-  def attend(self, x: Array) -> Array:
-    """[b, l, e] -> [b, l, v]."""
-    return jnp.dot(x.astype(self.dtype), self.embedding.astype(self.dtype).T)
+
+def head_weight(params: Any, config: T5Config) -> Array:
+  """The output head's weight in a (unboxed) params tree: `logits_dense`'s kernel
+  [e, v], or with `logits_via_embedding` the shared embedding [v, e]."""
+  if config.logits_via_embedding:
+    return params['token_embedder']['embedding']
+  return params['decoder']['logits_dense']['kernel']
+
+
+def head_logits(hidden: Array, weight: Array, config: T5Config) -> Array:
+  """The decoder's output head: hidden [..., e] -> float32 logits [..., v].
+
+  `weight` is `head_weight`'s: a kernel [e, v], or T5 v1.0's tied embedding
+  [v, e], whose logits are scaled by 1/sqrt(e).
+  """
+  dtype = config.activation_dtype
+  if config.logits_via_embedding:
+    logits = jnp.dot(hidden.astype(dtype), weight.astype(dtype).T)
+    logits = logits / jnp.sqrt(jnp.asarray(config.emb_dim, dtype))
+  else:
+    logits = project(hidden, [weight], dtype)[0]
+  logits = nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
+  return logits.astype(jnp.float32)
 
 
 class RMSNorm(nn.Module):
@@ -634,8 +654,11 @@ class Decoder(nn.Module):
       deterministic: bool,
       decode: bool,
       max_decode_length: Optional[int],
+      logits: bool = True,
   ) -> Array:
-    """Returns logits [b, l, v] in float32."""
+    """Returns logits [b, l, v] in float32, or with `logits=False` the hidden
+    states [b, l, e] the head takes (`head_logits`), for a loss that applies the
+    head a chunk at a time."""
     cfg = self.config
     dtype = cfg.activation_dtype
     enc_valid = encoder_tokens > 0
@@ -692,17 +715,15 @@ class Decoder(nn.Module):
     y = RMSNorm(cfg.layer_norm_epsilon, dtype, name='decoder_norm')(y)
     y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
     if cfg.logits_via_embedding:
-      logits = self.shared_embedding.attend(y) / jnp.sqrt(jnp.asarray(cfg.emb_dim, dtype))
+      weight = self.shared_embedding.embedding
     else:
-      logits = Dense(
-          cfg.vocab_size,
+      weight = Kernel(
+          (cfg.emb_dim, cfg.vocab_size),
           ('embed', 'vocab'),
           nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal'),
-          dtype,
           name='logits_dense',
-      )(y)
-    logits = nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
-    return logits.astype(jnp.float32)
+      )()
+    return head_logits(y, weight, cfg) if logits else y
 
 
 class Transformer(nn.Module):
@@ -738,8 +759,10 @@ class Transformer(nn.Module):
       enable_dropout: bool = True,
       decode: bool = False,
       max_decode_length: Optional[int] = None,
+      logits: bool = True,
   ) -> Array:
-    """Decoder logits [b, l_out, v] given the encoder output."""
+    """Decoder logits [b, l_out, v] given the encoder output (hidden states
+    [b, l_out, e] with `logits=False`)."""
     return self.decoder(
         encoded,
         encoder_input_tokens,
@@ -750,6 +773,7 @@ class Transformer(nn.Module):
         not enable_dropout,
         decode,
         max_decode_length,
+        logits,
     )
 
   def __call__(
@@ -764,8 +788,10 @@ class Transformer(nn.Module):
       *,
       enable_dropout: bool = True,
       decode: bool = False,
+      logits: bool = True,
   ) -> Array:
-    """Teacher-forced logits [b, l_out, v].
+    """Teacher-forced logits [b, l_out, v] (hidden states [b, l_out, e] with
+    `logits=False`).
 
     Positions are accepted for T5X compatibility; relative attention only needs
     offsets within a segment, which the segment ids already delimit.
@@ -781,4 +807,5 @@ class Transformer(nn.Module):
         decoder_segment_ids,
         enable_dropout,
         decode,
+        logits=logits,
     )

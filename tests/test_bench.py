@@ -30,13 +30,23 @@ def _one_step_inputs(rows):
   return batch, label, rationale
 
 
-def test_both_sides_train_the_same_objective(data_root, monkeypatch):
+@pytest.mark.parametrize('vocab_size,chunk', [(384, None), (2048, 48)])
+def test_both_sides_train_the_same_objective(data_root, monkeypatch, vocab_size, chunk):
+  """Also with a larger head on both sides (`--vocab_size`), our loss taking 48
+  positions at a time (`--loss_chunk_length`)."""
   monkeypatch.setenv('DSBS_DATA_ROOT', data_root)
-  config = harness.CONFIGS['mini']
+  config = dataclasses.replace(harness.CONFIGS['mini'], vocab_size=vocab_size)
   rows = examples.examples(['svamp', 'cqa'], 'train', LENGTHS, limit=6)
   torch_model, params = harness.same_weights(config)
   batch, label, rationale = _one_step_inputs(rows)
-  ours = Ours(config, params, examples.vocab_shape(), [(batch, len(rows))], rationale=True)
+  ours = Ours(
+      config,
+      params,
+      examples.vocab_shape(),
+      [(batch, len(rows))],
+      rationale=True,
+      loss_chunk_length=chunk,
+  )
   reference = reference_torch.ReferenceTrainer(torch_model, alpha=0.5)
   for step in range(3):
     ours_loss = ours.step()[-1]

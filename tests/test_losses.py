@@ -173,6 +173,59 @@ def test_task_weights_reject_bad_settings(kwargs):
     losses.task_weights(**kwargs)
 
 
+@pytest.mark.parametrize('tied', [False, True])
+def test_a_chunked_loss_gives_the_same_loss_metrics_and_gradients(tied):
+  """`loss_chunk_length` changes what exists at a time, not what is computed: chunks
+  of 5 positions (which do not divide the 12 targets) against all at once, with
+  label smoothing and z-loss, for both kinds of head."""
+  from conftest import synthetic_batch, tiny_config, tiny_student
+
+  config = tiny_config(logits_via_embedding=tied)
+  batch = synthetic_batch(ragged=True)
+  shapes = {k: batch[k].shape for k in ('encoder_input_tokens', 'decoder_input_tokens')}
+  student = tiny_student(config)
+  init = jax.jit(lambda rng: student.get_initial_variables(rng, shapes))
+  params = nn.meta.unbox(init(jax.random.PRNGKey(0)))['params']
+  # Every other target is the model's own greedy token, so accuracy is compared too.
+  greedy = jax.jit(
+      lambda p, b: student.module.apply(
+          {'params': p},
+          b['encoder_input_tokens'],
+          b['decoder_input_tokens'],
+          b['decoder_target_tokens'],
+          enable_dropout=False,
+      ).argmax(-1)
+  )(params, batch)
+  targets = batch['decoder_target_tokens']
+  hits = (targets > 0) & (np.arange(targets.shape[1]) % 2 == 0)
+  batch['decoder_target_tokens'] = np.where(hits, greedy, targets).astype(np.int32)
+
+  @jax.jit
+  def outputs(params, batch):
+    """For all at once and for chunks of 5: (loss, metrics), gradients, scores."""
+    out = []
+    for chunk in (None, 5):
+      model = tiny_student(config, label_smoothing=0.1, z_loss=1e-3, loss_chunk_length=chunk)
+      loss = jax.value_and_grad(lambda p, m=model: m.loss_fn(p, batch, None), has_aux=True)
+      out.append((*loss(params), model.score_batch(params, batch)))
+    return out
+
+  ((_, expected), expected_grads, expected_scores), ((_, metrics), grads, scores) = outputs(
+      params, batch
+  )
+  assert float(expected['label/accuracy']) > 0.3
+  for name, value in expected.items():
+    np.testing.assert_allclose(metrics[name], value, rtol=1e-6, err_msg=name)
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, expected_grads
+  )
+  np.testing.assert_allclose(scores, expected_scores, rtol=1e-6)
+  with pytest.raises(
+      ValueError, match=r'LOSS_CHUNK_LENGTH \(StepByStepModel.loss_chunk_length\) must be >= 1'
+  ):
+    tiny_student(config, loss_chunk_length=0)
+
+
 def test_score_batch_is_each_rows_log_likelihood():
   """T5X's scoring API (`t5x.infer` mode 'score'): row i scores minus the sum of its
   target tokens' cross-entropy, what loss_fn averages over a one-row batch."""

@@ -4,6 +4,7 @@ survives a corrupted checkpoint, and trains on the paper's data."""
 import glob
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -321,3 +322,11 @@ def test_memory_plan_for_a_mesh_without_its_devices(capsys):
   assert 'activations ~0.24 GiB (estimate, one of 4 microbatches)' in capsys.readouterr().out
   assert cli(*plan, '--gin.NUM_MICROBATCHES=3', '--plan=8x1') == 0  # 128 rows padded to 144
   assert 'activations ~0.35 GiB (estimate, one of 3 microbatches)' in capsys.readouterr().out
+  # At T5's vocabulary the logits dominate; LOSS_CHUNK_LENGTH keeps 64 positions' of 384.
+  activations = {}
+  for chunk in ('None', '64'):
+    assert (
+        cli(*plan, '--gin.VOCAB_SIZE=32128', f'--gin.LOSS_CHUNK_LENGTH={chunk}', '--plan=8x1') == 0
+    )
+    (activations[chunk],) = re.findall(r'activations ~([\d.]+) GiB', capsys.readouterr().out)
+  assert activations == {'None': '3.12', '64': '1.28'}

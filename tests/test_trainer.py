@@ -122,6 +122,33 @@ def test_the_plans_activation_estimate_follows_xlas_buffer_plan():
   assert 0.5 < estimate / plan.temp_size_in_bytes < 2, (estimate, plan)
 
 
+def test_a_chunked_loss_keeps_one_chunks_logits():
+  """At a large vocabulary the float32 logits and their softmax dominate a step's
+  activations; `loss_chunk_length` keeps one chunk's at a time, in XLA's buffer
+  plan for the gradient and in `--plan`'s estimate alike."""
+  shapes = {'encoder_input_tokens': (8, 64), 'decoder_input_tokens': (8, 128)}
+  batch = {
+      k: jax.ShapeDtypeStruct(shapes[k.replace('target', 'input')], np.int32)
+      for k in ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens')
+  }
+  config = tiny_config(vocab_size=8192)
+  temp = {}
+  for chunk in (None, 16):
+    t = trainer.Trainer(
+        tiny_student(config, loss_chunk_length=chunk),
+        optimizers.create_optimizer('adamw', learning_rate=1e-2),
+        partitioning.Partitioner(1),
+    )
+    grads = jax.jit(lambda p, b, t=t: t._grads(p, b, jax.random.PRNGKey(0))[0])
+    plan = grads.lower(t.abstract_state(shapes).params, batch).compile().memory_analysis()
+    temp[chunk] = plan.temp_size_in_bytes
+    estimate = memory.activation_bytes_estimate(
+        config, shapes, {'data': 1}, loss_chunk_length=chunk
+    )
+    assert 0.5 < estimate / temp[chunk] < 2, (chunk, estimate, temp[chunk])
+  assert temp[16] < 0.3 * temp[None], temp
+
+
 @pytest.mark.parametrize('remat', [False, True])
 def test_dropout_depends_on_step_rng_only(remat):
   t = _trainer(dataclasses.replace(CONFIG, remat=remat, num_encoder_layers=2))
