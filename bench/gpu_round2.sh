@@ -13,7 +13,8 @@
 #   base_one_pass   the same with the batch in one pass (--grad_steps=1)
 #   base_no_cmdbuf  the same with XLA's command buffers off
 #   base_32k        base with T5's 32128-id head on both sides (the ids stay bytes)
-#   base_32k_chunked the same, our loss taking 64 target positions' logits at a time
+#   base_32k_chunked
+#                   the same, our loss taking 64 target positions' logits at a time
 #   large           T5 1.1 large, as base
 #   decode_base     greedy decoding at base, 6 batches of 64, sorted by length
 #   largest         T5 1.1 XL (3B), our step alone with remat, batch 64 in one pass:

@@ -115,7 +115,9 @@ def head_cross_entropy(
   def chunks(x: Array) -> Array:
     return x.reshape(batch, n, chunk_length, *x.shape[2:]).swapaxes(0, 1)
 
-  recomputed = jax.checkpoint(per_token)
+  # A loop body needs no CSE barriers against the backward pass (JAX's advice for
+  # checkpoint inside scan).
+  recomputed = jax.checkpoint(per_token, prevent_cse=False)
   out = jax.lax.map(lambda xs: recomputed(*xs), (chunks(hidden), chunks(targets)))
   loss, z, correct = (o.swapaxes(0, 1).reshape(batch, n * chunk_length)[:, :length] for o in out)
   return loss, z, correct

@@ -50,11 +50,16 @@ class StepByStepModel:
       loss_chunk_length: Optional[int] = None,
   ):
     """`loss_chunk_length`: target positions whose logits the loss computes at a
-    time (`losses.head_cross_entropy`); None computes all at once."""
-    if loss_chunk_length is not None and loss_chunk_length < 1:
+    time (`losses.head_cross_entropy`); None, or a length >= the targets',
+    computes all at once."""
+    if loss_chunk_length is not None and (
+        isinstance(loss_chunk_length, bool)
+        or not isinstance(loss_chunk_length, int)
+        or loss_chunk_length < 1
+    ):
       raise ConfigError(
-          f'LOSS_CHUNK_LENGTH (StepByStepModel.loss_chunk_length) must be >= 1 or None; '
-          f'got {loss_chunk_length}'
+          'LOSS_CHUNK_LENGTH (StepByStepModel.loss_chunk_length) must be an int >= 1, '
+          f'or None for all positions at once; got {loss_chunk_length!r}'
       )
     if module.config.vocab_size < output_vocabulary.vocab_size:
       raise ValueError(
@@ -104,7 +109,8 @@ class StepByStepModel:
         rngs=rngs,
     )
     config = self.module.config
-    weight = network.head_weight(params, config)
+    # Cast once, not in every chunk of the loss's loop (a no-op in float32).
+    weight = network.head_weight(params, config).astype(config.activation_dtype)
     return losses.head_cross_entropy(
         cast(Array, hidden),
         batch['decoder_target_tokens'],

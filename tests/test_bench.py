@@ -158,12 +158,15 @@ def test_our_step_alone_trains_its_own_initialisation(data_root, monkeypatch):
   step trains its own initialisation, here with Adafactor."""
   monkeypatch.setenv('DSBS_DATA_ROOT', data_root)
   flags = ['--config=mini', *TINY_TRAIN, '--sides=ours', '--optimizer=adafactor']
+  flags += ['--vocab_size=512', '--loss_chunk_length=50']  # a chunk not dividing 128
   args = train_throughput.parse_args(flags)
   config, _, inputs, rationale, torch_model, params = train_throughput.build(args)
   assert torch_model is None and params is None
   made = train_throughput.sides(args, config, inputs, rationale, torch_model, params)
   built = {name: make() for name, make in made.items()}
   assert list(built) == ['ours']
+  model = built['ours'].trainer.model
+  assert model.module.config.vocab_size == 512 and model.loss_chunk_length == 50
   results, dots_alone = train_throughput.timed_steps(built, None, 0, 2)
   assert len(results['ours']) == 2 and dots_alone == []
   assert all(np.isfinite(result[-1]) for result in results['ours'])

@@ -11,6 +11,7 @@ from flax import linen as nn
 
 from dsbs_jax import losses, models, network
 from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
+from dsbs_jax.errors import ConfigError
 
 CONFIG = network.T5Config(
     vocab_size=64,
@@ -139,17 +140,20 @@ def test_plain_seqio_batches_count_as_label_examples():
   np.testing.assert_allclose(float(model.loss_fn(params, plain, None)[0]), pooled, atol=1e-5)
 
 
-def test_token_cross_entropy_label_smoothing_and_z_loss_match_t5x_formula(rng):
-  logits = rng.randn(2, 5, 11).astype(np.float32) * 3
-  targets = rng.randint(0, 11, size=(2, 5))
+@pytest.mark.parametrize('vocab,offset', [(11, 0.0), (32128, 30.0)])
+def test_token_cross_entropy_label_smoothing_and_z_loss_match_t5x_formula(rng, vocab, offset):
+  """T5X's formula in float64, with its one-hot and log-probabilities; also at T5's
+  vocabulary with large logits, where the loss sums over every id."""
+  logits = rng.randn(2, 5, vocab).astype(np.float32) * 3 + offset
+  targets = rng.randint(0, vocab, size=(2, 5))
   ls, zl = 0.1, 1e-3
   loss, z = losses.token_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), ls, zl)
   log_z = np.log(np.exp(logits.astype(np.float64)).sum(-1))
   log_p = logits - log_z[..., None]
-  conf, low = 1 - ls, ls / 10
+  conf, low = 1 - ls, ls / (vocab - 1)
   soft = np.full(logits.shape, low)
   np.put_along_axis(soft, targets[..., None], conf, axis=-1)
-  norm = -(conf * np.log(conf) + 10 * low * np.log(low + 1e-20))
+  norm = -(conf * np.log(conf) + (vocab - 1) * low * np.log(low + 1e-20))
   expected = -(soft * log_p).sum(-1) - norm + zl * log_z**2
   np.testing.assert_allclose(np.asarray(loss), expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(z), zl * log_z**2, rtol=1e-5)
@@ -220,10 +224,11 @@ def test_a_chunked_loss_gives_the_same_loss_metrics_and_gradients(tied):
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grads, expected_grads
   )
   np.testing.assert_allclose(scores, expected_scores, rtol=1e-6)
-  with pytest.raises(
-      ValueError, match=r'LOSS_CHUNK_LENGTH \(StepByStepModel.loss_chunk_length\) must be >= 1'
-  ):
-    tiny_student(config, loss_chunk_length=0)
+  for bad in (0, 64.0, True):
+    with pytest.raises(
+        ConfigError, match=r'LOSS_CHUNK_LENGTH \(StepByStepModel.loss_chunk_length\)'
+    ):
+      tiny_student(config, loss_chunk_length=bad)
 
 
 def test_score_batch_is_each_rows_log_likelihood():
