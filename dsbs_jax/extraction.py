@@ -114,8 +114,7 @@ class AnswerCache:
       except (json.JSONDecodeError, KeyError, TypeError):
         log.warning('%s:%d: skipping an unreadable cache line (left in place)', path, number)
     self._file = storage.AppendFile(path)
-    if existing and not existing.endswith('\n'):
-      self._file.write('\n')
+    self._file.start_line()
     self._remote = storage.is_url(path)
     self._flushed = time.monotonic()
 

@@ -65,6 +65,7 @@ class MetricWriter:
     if enabled:
       self._events = EventFileWriter(self.directory)
       self._jsonl = storage.AppendFile(self.directory / 'metrics.jsonl')
+      self._jsonl.start_line()
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -193,6 +194,7 @@ def seqio_loggers() -> tuple[type, type]:
       values = {k: _scalar(v) for k, v in metrics.items() if _scalar(v) is not None}
       if values:
         lines = storage.AppendFile(out / f'{task_name}-metrics.jsonl')
+        lines.start_line()
         lines.write(json.dumps({'step': step, **values}) + '\n')
         lines.close()
       if not inferences or targets is None or dataset is None:

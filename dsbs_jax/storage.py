@@ -126,6 +126,18 @@ class AppendFile:
     else:
       self._file = open(os.fspath(self.path), 'ab')  # noqa: SIM115 (held until close())
 
+  def start_line(self) -> None:
+    """Ends a last line that a killed process left cut short, so the next write
+    starts a line of its own; the cut line is kept, for readers to skip."""
+    if self._remote:
+      last = bytes(self._content[-1:])
+    else:
+      with open(os.fspath(self.path), 'rb') as f:
+        f.seek(max(f.seek(0, os.SEEK_END) - 1, 0))
+        last = f.read(1)
+    if last not in (b'', b'\n'):
+      self.write(b'\n')
+
   def write(self, data: Union[str, bytes]) -> None:
     raw = data.encode('utf-8') if isinstance(data, str) else data
     if self._remote:

@@ -45,12 +45,24 @@ def _output(proc, model_dir, timeout):
   return (model_dir.parent / f'{model_dir.name}.log').read_text()
 
 
-def _steps_done(model_dir):
+def _rows(model_dir):
+  """metrics.jsonl's complete records. A line without its end is being appended as
+  this reads (one across a page boundary is seen in parts), and one that does not
+  parse was cut short by SIGKILL: the restart begins a new line after it."""
   path = model_dir / 'train' / 'metrics.jsonl'
-  if not path.exists():
-    return 0
-  lines = path.read_text().splitlines()
-  return json.loads(lines[-1])['step'] if lines else 0
+  text = path.read_text() if path.exists() else ''
+  rows = []
+  for line in text[: text.rfind('\n') + 1].splitlines():
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  return rows
+
+
+def _steps_done(model_dir):
+  rows = _rows(model_dir)
+  return rows[-1]['step'] if rows else 0
 
 
 def _wait_for(condition, timeout=240):
@@ -61,11 +73,8 @@ def _wait_for(condition, timeout=240):
 
 
 def _final_losses(model_dir):
-  losses = {}
-  for line in (model_dir / 'train' / 'metrics.jsonl').read_text().splitlines():
-    row = json.loads(line)
-    losses[row['step']] = row['loss']  # a restart rewrites steps after its checkpoint
-  return losses
+  # A restart rewrites the steps after its checkpoint.
+  return {row['step']: row['loss'] for row in _rows(model_dir)}
 
 
 def _params(model_dir, step):

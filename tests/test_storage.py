@@ -40,6 +40,26 @@ def test_files_round_trip_on_the_emulator(gcs):
     storage.check_writable('gs://no-such-bucket/x', 'MODEL_DIR')
 
 
+@pytest.mark.parametrize('where', ['local', 'gs'])
+def test_a_metrics_line_cut_by_a_kill_is_kept_and_the_next_starts_anew(where, tmp_path, request):
+  """SIGKILL can stop an append part-way; a restart's metrics start a line of their
+  own after the cut one, which stays (readers skip what does not parse)."""
+  base = str(tmp_path) if where == 'local' else 'gs://dsbs/cut'
+  if where == 'gs':
+    request.getfixturevalue('gcs')
+  storage.write_atomic(f'{base}/metrics.jsonl', '{"step": 1, "loss": 3.0}\n{"step": 2, "lo')
+  for step in (3, 4):  # the second writer finds complete lines and adds no blank one
+    writer = monitoring.MetricWriter(base)
+    writer.write(step, {'loss': 1.0})
+    writer.close()
+  assert storage.read_text(f'{base}/metrics.jsonl').splitlines() == [
+      '{"step": 1, "loss": 3.0}',
+      '{"step": 2, "lo',
+      '{"step": 3, "loss": 1.0}',
+      '{"step": 4, "loss": 1.0}',
+  ]
+
+
 def test_processes_probe_one_model_dir_at_the_same_time(tmp_path):
   """Every process of a multi-host run checks the shared MODEL_DIR as it starts; one
   shared probe file once raced (one process removed it under another)."""
