@@ -98,28 +98,35 @@ def test_remat_keeps_only_each_layers_input():
   assert remat < 0.25 * plain, (remat, plain)
 
 
+def _gradient_temp_bytes(student, shapes, num_microbatches=1) -> int:
+  """XLA's buffer plan for one step's gradient (microbatches and all) at these
+  shapes: the temporaries, i.e. the activations, in bytes."""
+  t = trainer.Trainer(
+      student,
+      optimizers.create_optimizer('adamw', learning_rate=1e-2),
+      partitioning.Partitioner(1),
+      num_microbatches=num_microbatches,
+  )
+  batch = {
+      k: jax.ShapeDtypeStruct(shapes[k.replace('target', 'input')], np.int32)
+      for k in ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens')
+  }
+  grads = jax.jit(lambda p, b: t._grads(p, b, jax.random.PRNGKey(0))[0])
+  plan = grads.lower(t.abstract_state(shapes).params, batch).compile().memory_analysis()
+  return plan.temp_size_in_bytes
+
+
 def test_the_plans_activation_estimate_follows_xlas_buffer_plan():
   """`dsbs-train --plan` sizes a step before a slice is rented: its activation estimate
   must stay near XLA's own buffer plan for the gradient when it accumulates gradients
   (one microbatch's activations exist at a time)."""
   shapes = {'encoder_input_tokens': (16, 256), 'decoder_input_tokens': (16, 128)}
-  batch = {
-      k: jax.ShapeDtypeStruct(shapes[k.replace('target', 'input')], np.int32)
-      for k in ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens')
-  }
   config = tiny_config(
       emb_dim=64, mlp_dim=256, head_dim=16, num_encoder_layers=2, num_decoder_layers=2, remat=True
   )
-  t = trainer.Trainer(
-      tiny_student(config),
-      optimizers.create_optimizer('adamw', learning_rate=1e-2),
-      partitioning.Partitioner(1),
-      num_microbatches=4,
-  )
-  grads = jax.jit(lambda p, b: t._grads(p, b, jax.random.PRNGKey(0))[0])
-  plan = grads.lower(t.abstract_state(shapes).params, batch).compile().memory_analysis()
+  temp = _gradient_temp_bytes(tiny_student(config), shapes, num_microbatches=4)
   estimate = memory.activation_bytes_estimate(config, shapes, {'data': 1}, microbatch_rows=4)
-  assert 0.5 < estimate / plan.temp_size_in_bytes < 2, (estimate, plan)
+  assert 0.5 < estimate / temp < 2, (estimate, temp)
 
 
 def test_a_chunked_loss_keeps_one_chunks_logits():
@@ -127,21 +134,10 @@ def test_a_chunked_loss_keeps_one_chunks_logits():
   activations; `loss_chunk_length` keeps one chunk's at a time, in XLA's buffer
   plan for the gradient and in `--plan`'s estimate alike."""
   shapes = {'encoder_input_tokens': (8, 64), 'decoder_input_tokens': (8, 128)}
-  batch = {
-      k: jax.ShapeDtypeStruct(shapes[k.replace('target', 'input')], np.int32)
-      for k in ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens')
-  }
   config = tiny_config(vocab_size=8192)
   temp = {}
   for chunk in (None, 16):
-    t = trainer.Trainer(
-        tiny_student(config, loss_chunk_length=chunk),
-        optimizers.create_optimizer('adamw', learning_rate=1e-2),
-        partitioning.Partitioner(1),
-    )
-    grads = jax.jit(lambda p, b, t=t: t._grads(p, b, jax.random.PRNGKey(0))[0])
-    plan = grads.lower(t.abstract_state(shapes).params, batch).compile().memory_analysis()
-    temp[chunk] = plan.temp_size_in_bytes
+    temp[chunk] = _gradient_temp_bytes(tiny_student(config, loss_chunk_length=chunk), shapes)
     estimate = memory.activation_bytes_estimate(
         config, shapes, {'data': 1}, loss_chunk_length=chunk
     )
