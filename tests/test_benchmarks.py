@@ -262,6 +262,8 @@ def test_unparseable_outputs_are_kept_blank_and_counted():
   parsed = [teacher.parse_cqa(o) for o in outputs]
   assert parsed[1] == teacher.TeacherOutput('Reasoning.', 'lake', True)
   assert parsed[0] == teacher.TeacherOutput(' ', ' ', False)
+  # A choice with no text: the authors' loader strips its period and keeps a blank label.
+  assert teacher.parse_cqa('R. So the answer is (a).') == teacher.TeacherOutput('R.', '', False)
   summary = teacher.report('cqa/test', parsed).summary()
   assert 'parsed 1/3 teacher outputs, 2 unparseable' in summary
   assert teacher.parse_svamp('8 / 2 = 4. The answer is 4.') == teacher.TeacherOutput(

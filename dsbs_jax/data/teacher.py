@@ -38,7 +38,9 @@ def parse_cqa(output: str) -> TeacherOutput:
   label = pieces[1].strip() if len(pieces) > 1 else ''
   if not label:
     return TeacherOutput(rationale.rstrip(), ' ', False)
-  return TeacherOutput(rationale.rstrip(), label[:-1] if label.endswith('.') else label, True)
+  # The authors drop one final period, so an answer of only '.' leaves them a blank label.
+  label = label[:-1] if label.endswith('.') else label
+  return TeacherOutput(rationale.rstrip(), label, bool(label.strip()))
 
 
 def parse_svamp(output: str) -> TeacherOutput:
