@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from bench import harness
 from dsbs_jax import losses
-from dsbs_jax.data import benchmarks, tasks
+from dsbs_jax.data import benchmarks, input_pipeline, tasks
 from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
 
 VOCAB = seqio.ByteVocabulary()
@@ -64,11 +64,15 @@ def packed_batches(
     lengths: dict[str, int],
     batch_size: int,
     rationale: bool = True,
+    step_examples: int = 64,
 ) -> Iterator[tuple[dict, int]]:
   """Our input: the same examples' two tasks packed into fixed-shape rows.
 
-  Yields (batch, examples in it), counting an example once per task half, /2
-  for step-by-step, so examples/s compares with the reference's batch.
+  Every `step_examples` examples are packed among themselves, as the training
+  pipeline packs a step of that batch size (`input_pipeline.packed_steps`),
+  then the rows are cut into batches of `batch_size`. Yields (batch, examples in
+  it), counting an example once per task half, /2 for step-by-step, so
+  examples/s compares with the reference's batch.
   """
 
   def gen():
@@ -83,7 +87,8 @@ def packed_batches(
 
   spec = {k: tf.TensorSpec([None], tf.int32) for k in ('inputs', 'targets', 'task_id')}
   ds = tf.data.Dataset.from_generator(gen, output_signature=spec)
-  ds = StepByStepFeatureConverter(pack=True)(ds, {**lengths, 'task_id': 1})
-  for batch in ds.batch(batch_size, drop_remainder=True).as_numpy_iterator():
+  per_step = step_examples * (2 if rationale else 1)
+  ds = input_pipeline.packed_steps(ds, per_step, StepByStepFeatureConverter(pack=True), lengths)
+  for batch in ds.unbatch().batch(batch_size, drop_remainder=True).as_numpy_iterator():
     segments = sum(len(set(row[row > 0].tolist())) for row in batch['encoder_segment_ids'])
     yield batch, segments / (2 if rationale else 1)

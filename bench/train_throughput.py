@@ -236,15 +236,16 @@ def _inputs(args, lengths, rationale) -> dict:
   from bench import examples  # seqio + TensorFlow: only where the inputs are built
 
   rows = examples.examples(args.datasets.split(','), 'train', lengths)
+  packing = {'rationale': rationale, 'step_examples': args.batch_size}
   if args.rows:
     packed_rows = args.rows
   else:  # the rows that hold about batch_size examples on average
-    sample = list(itertools.islice(examples.packed_batches(rows, lengths, 8, rationale), 8))
+    sample = list(itertools.islice(examples.packed_batches(rows, lengths, 8, **packing), 8))
     per_row = sum(n for _, n in sample) / (8 * len(sample))
     packed_rows = max(1, round(args.batch_size / per_row))
   packed_rows = -(-packed_rows // args.grad_steps) * args.grad_steps
   batches = list(
-      itertools.islice(examples.packed_batches(rows, lengths, packed_rows, rationale), BATCHES)
+      itertools.islice(examples.packed_batches(rows, lengths, packed_rows, **packing), BATCHES)
   )
   return {
       'rows': rows,

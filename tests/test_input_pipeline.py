@@ -1,6 +1,6 @@
-"""Batches count examples: a step-by-step run's steps hold the same label examples, in the
-same order, as a standard run's with the same seed, each with its rationale beside it,
-packed into few rows; and a restart resumes the stream exactly."""
+"""Batches count examples: a step-by-step run's steps hold the same label examples as a
+standard run's with the same seed, each with its rationale in the same step, packed
+first-fit into few rows; and a restart resumes the stream exactly."""
 
 import itertools
 
@@ -46,12 +46,57 @@ def test_paired_steps_hold_the_standard_runs_label_examples_with_their_rationale
   for plain, both in zip(standard, paired, strict=True):
     inputs = _sequences(plain, 1)
     assert len(inputs) == 6  # BATCH_SIZE examples, not rows
-    assert _sequences(both, 1) == ['predict: ' + x for x in inputs]
-    assert _sequences(both, 2) == ['explain: ' + x for x in inputs]
+    # Within a step, rows are in packing order.
+    assert sorted(_sequences(both, 1)) == sorted('predict: ' + x for x in inputs)
+    assert sorted(_sequences(both, 2)) == sorted('explain: ' + x for x in inputs)
   # Packed: 12 sequences share fewer rows, a multiple of the row bucket.
   rows = {len(step['encoder_input_tokens']) for step in paired}
   assert all(r % input_pipeline.ROW_BUCKET == 0 and r <= 12 for r in rows), rows
   assert min(rows) < 12
+
+
+def _rows(step):
+  """Each row's sequences as (input tokens, target tokens), in the row's order."""
+  rows = []
+  for tokens, targets, encoder, decoder in zip(
+      step['encoder_input_tokens'],
+      step['decoder_target_tokens'],
+      step.get('encoder_segment_ids', step['encoder_input_tokens'] > 0),
+      step.get('decoder_segment_ids', step['decoder_target_tokens'] > 0),
+      strict=True,
+  ):
+    segments = sorted(set(encoder.tolist()) - {0})
+    rows += [[(tokens[encoder == s].tolist(), targets[decoder == s].tolist()) for s in segments]]
+  return [row for row in rows if row]
+
+
+def _pack(sequences, first_fit):
+  """Plain-Python packing of (inputs, targets) pairs into LENGTHS-sized rows."""
+  rows, used = [], []
+  for inputs, targets in sequences:
+    candidates = range(len(rows)) if first_fit else range(len(rows))[-1:]
+    for r in candidates:
+      if used[r][0] + len(inputs) <= LENGTHS['inputs'] and used[r][1] + len(targets) <= (
+          LENGTHS['targets']
+      ):
+        rows[r].append((inputs, targets))
+        used[r] = [used[r][0] + len(inputs), used[r][1] + len(targets)]
+        break
+    else:
+      rows.append([(inputs, targets)])
+      used.append([len(inputs), len(targets)])
+  return rows
+
+
+def test_each_step_is_packed_first_fit():
+  packed = _steps('demo_gt_step_by_step', steps=4, batch_size=8)
+  unpacked = _steps('demo_gt_step_by_step', steps=4, batch_size=8, pack=False)
+  fewer = 0
+  for step, sequences in zip(packed, unpacked, strict=True):
+    sequences = [row for [row] in _rows(sequences)]  # one sequence a row, in the stream's order
+    assert _rows(step) == _pack(sequences, first_fit=True)
+    fewer += len(_rows(step)) < len(_pack(sequences, first_fit=False))
+  assert fewer  # some step where next-fit, SeqIO's own packing, would need more rows
 
 
 def test_steps_differ_with_the_seed_and_over_epochs():

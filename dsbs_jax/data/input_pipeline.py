@@ -7,11 +7,11 @@ A batch holds `batch_size` *examples* (source rows), for every method. A paired
 step-by-step task gives two sequences per example (its predict: and its
 explain: sequence, `tasks.paired_examples`), any other task one; so a standard
 run and a step-by-step run with the same batch size and seed see the same
-label examples, in the same order, step by step, as in the authors' trainer.
+label examples, step by step, as in the authors' trainer.
 
-Each step's sequences are packed together (SeqIO's packing, within the step
-alone) into as many rows as they need, rounded up to a bucket of rows and
-padded with empty ones:
+Each step's sequences are packed together (first-fit, within the step alone:
+`feature_converters`) into as many rows as they need, rounded up to a bucket
+of rows and padded with empty ones:
 
     step with 2 examples, paired (4 sequences), rows of 8 input tokens
     inputs   predict: a  explain: a | predict: b  explain: b | (empty row) ...
@@ -126,7 +126,18 @@ def _steps(
       num_epochs=None,
   )
   examples = examples.map(lambda ex: {k: ex[k] for k in ('inputs', 'targets', TASK_ID) if k in ex})
-  lengths = dict(config.task_feature_lengths)
+  return packed_steps(examples, per_step, converter, dict(config.task_feature_lengths))
+
+
+def packed_steps(
+    sequences: tf.data.Dataset,
+    per_step: int,
+    converter: seqio.FeatureConverter,
+    lengths: Mapping[str, int],
+) -> tf.data.Dataset:
+  """Each `per_step` consecutive sequences, converted and packed among themselves
+  alone: one element per step, [its rows, length] per feature. The train bench
+  packs its examples with this too, so that its rows are the pipeline's."""
 
   # `pack` is plain Python that builds a dataset: AutoGraph converting it, and all the
   # SeqIO code it calls, added about 2 s to every run's start and changed nothing.
@@ -135,11 +146,11 @@ def _steps(
 
   @tf.autograph.experimental.do_not_convert
   def pack(step: Mapping[str, tf.Tensor]) -> tf.data.Dataset:
-    sequences = tf.data.Dataset.from_tensor_slices(step).map(_without_padding)
+    step_sequences = tf.data.Dataset.from_tensor_slices(step).map(_without_padding)
     with outer:
-      return converter(sequences, lengths).batch(per_step)
+      return converter(step_sequences, lengths).batch(per_step)
 
-  return examples.padded_batch(per_step).flat_map(pack)
+  return sequences.padded_batch(per_step).flat_map(pack)
 
 
 def batches(
