@@ -209,6 +209,7 @@ def prepared_key(args) -> dict:
       'batch_size': args.batch_size,
       'rows': args.rows,
       'grad_steps': args.grad_steps,
+      'packing': 'first-fit, each batch_size examples alone',
   }
 
 

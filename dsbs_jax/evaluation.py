@@ -195,7 +195,8 @@ class LossEvaluator:
   """Teacher-forced loss and token accuracy per task on one split (packed, fixed shapes).
 
   Complements the decoding `Evaluator`: it covers the rationale task too and
-  costs one forward pass per batch. `num_examples` caps the packed rows read.
+  costs one forward pass per batch. `num_examples` takes the split's first
+  examples, before they are packed (first-fit packing reorders them).
   """
 
   def __init__(
@@ -209,16 +210,13 @@ class LossEvaluator:
       param_shardings: Any,
       num_examples: Optional[int] = None,
   ):
-    self._dataset = seqio.get_dataset(
-        mixture_or_task_name,
-        task_feature_lengths=dict(task_feature_lengths),
-        dataset_split=split,
-        shuffle=False,
-        num_epochs=1,
-        feature_converter=model.FEATURE_CONVERTER_CLS(pack=True),
+    examples = seqio.get_mixture_or_task(mixture_or_task_name).get_dataset(
+        dict(task_feature_lengths), split=split, shuffle=False, num_epochs=1
     )
     if num_examples:
-      self._dataset = self._dataset.take(num_examples)
+      examples = examples.take(num_examples)
+    converter = model.FEATURE_CONVERTER_CLS(pack=True)
+    self._dataset = converter(examples, dict(task_feature_lengths))
     self.batch_size = batch_size
     self.partitioner = partitioner
     self.num_tasks = len(model.task_weights)

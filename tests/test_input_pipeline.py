@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import seqio
+import tensorflow as tf
 
 from dsbs_jax.data import demo, input_pipeline
 from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
@@ -70,14 +71,14 @@ def _rows(step):
   return [row for row in rows if row]
 
 
-def _pack(sequences, first_fit):
-  """Plain-Python packing of (inputs, targets) pairs into LENGTHS-sized rows."""
+def _pack(sequences, first_fit, lengths=LENGTHS):
+  """Plain-Python packing of (inputs, targets) pairs into rows of `lengths`."""
   rows, used = [], []
   for inputs, targets in sequences:
     candidates = range(len(rows)) if first_fit else range(len(rows))[-1:]
     for r in candidates:
-      if used[r][0] + len(inputs) <= LENGTHS['inputs'] and used[r][1] + len(targets) <= (
-          LENGTHS['targets']
+      if used[r][0] + len(inputs) <= lengths['inputs'] and used[r][1] + len(targets) <= (
+          lengths['targets']
       ):
         rows[r].append((inputs, targets))
         used[r] = [used[r][0] + len(inputs), used[r][1] + len(targets)]
@@ -97,6 +98,40 @@ def test_each_step_is_packed_first_fit():
     assert _rows(step) == _pack(sequences, first_fit=True)
     fewer += len(_rows(step)) < len(_pack(sequences, first_fit=False))
   assert fewer  # some step where next-fit, SeqIO's own packing, would need more rows
+
+
+def test_the_converter_packs_each_window_first_fit():
+  """Over several of SeqIO's packing windows (as many examples as the longest
+  length), some examples longer than a row: each window's rows are first-fit's
+  over its examples as SeqIO cuts them, and every target token keeps its task."""
+  rng = np.random.default_rng(0)
+  lengths = {'inputs': 12, 'targets': 10}
+  examples = [
+      {
+          'inputs': rng.integers(2, 50, rng.integers(1, 15), dtype=np.int32),
+          'targets': rng.integers(2, 50, rng.integers(1, 12), dtype=np.int32),
+          'task_id': np.array([i % 2 + 1], np.int32),
+      }
+      for i in range(37)
+  ]
+  ds = tf.data.Dataset.from_generator(
+      lambda: iter(examples),
+      output_signature={k: tf.TensorSpec([None], tf.int32) for k in examples[0]},
+  )
+  converter = StepByStepFeatureConverter(pack=True, apply_length_check=False)
+  packed = list(converter(ds, lengths).as_numpy_iterator())
+  rows = _rows({k: np.stack([row[k] for row in packed]) for k in packed[0]})
+  cut = [(e['inputs'][:12].tolist(), e['targets'][:10].tolist()) for e in examples]
+  windows = [cut[start : start + 12] for start in range(0, len(cut), 12)]  # SeqIO's windows
+  assert rows == [row for w in windows for row in _pack(w, first_fit=True, lengths=lengths)]
+  assert len(rows) < sum(len(_pack(w, first_fit=False, lengths=lengths)) for w in windows)
+  tasks = {tuple(e['targets'][:10]): e['task_id'][0] for e in examples}
+  for row in packed:
+    for s in set(row['decoder_segment_ids'].tolist()) - {0}:
+      segment = row['decoder_segment_ids'] == s
+      assert set(row['decoder_task_ids'][segment]) == {
+          tasks[tuple(row['decoder_target_tokens'][segment])]
+      }
 
 
 def test_steps_differ_with_the_seed_and_over_epochs():

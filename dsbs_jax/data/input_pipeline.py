@@ -10,8 +10,8 @@ run and a step-by-step run with the same batch size and seed see the same
 label examples, step by step, as in the authors' trainer.
 
 Each step's sequences are packed together (first-fit, within the step alone:
-`feature_converters`) into as many rows as they need, rounded up to a bucket
-of rows and padded with empty ones:
+`feature_converters`, `packed_steps`) into as many rows as they need, rounded
+up to a bucket of rows and padded with empty ones:
 
     step with 2 examples, paired (4 sequences), rows of 8 input tokens
     inputs   predict: a  explain: a | predict: b  explain: b | (empty row) ...
@@ -136,8 +136,11 @@ def packed_steps(
     lengths: Mapping[str, int],
 ) -> tf.data.Dataset:
   """Each `per_step` consecutive sequences, converted and packed among themselves
-  alone: one element per step, [its rows, length] per feature. The train bench
-  packs its examples with this too, so that its rows are the pipeline's."""
+  alone: one element per step, [its rows, length] per feature. First-fit over
+  the whole step when it has no more sequences than the longest feature length
+  (the converter's packing window); a larger step is packed window by window.
+  The train bench packs its examples with this too, so that its rows are the
+  pipeline's (before the row bucket)."""
 
   # `pack` is plain Python that builds a dataset: AutoGraph converting it, and all the
   # SeqIO code it calls, added about 2 s to every run's start and changed nothing.
