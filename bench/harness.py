@@ -339,9 +339,10 @@ def reset_peak_memory(side: str) -> float:
   On a CPU both sides are this process's RSS (Linux `clear_refs` 5 restarts its
   peak), after glibc's `malloc_trim` gives back what the first step freed: else
   a step can reuse pages malloc kept and add nothing to RSS (our mini step at
-  44 rows read 0.07 GB, where XLA's buffer plan has 1.58 GB). On a GPU, 'ours' is JAX's device allocator, whose peak cannot be
-  restarted: it counts from start-up, which in a memory child process is
-  set-up and one step. 'reference' is torch's CUDA allocator.
+  44 rows read 0.07 GB, where XLA's buffer plan has 1.58 GB). On a GPU, 'ours'
+  is JAX's device allocator, whose peak cannot be restarted: it counts from
+  start-up, which in a memory child process is set-up and one step.
+  'reference' is torch's CUDA allocator.
   """
   if not on_gpu():
     trim = getattr(ctypes.CDLL(None), 'malloc_trim', None)  # glibc's; musl has none

@@ -18,6 +18,7 @@ import seqio
 from jax.experimental import multihost_utils
 
 from dsbs_jax import losses, monitoring
+from dsbs_jax.data import tasks
 from dsbs_jax.data.input_pipeline import numpy_iterator
 from dsbs_jax.decoding import (
     MAX_INPUT_WIDTHS,
@@ -196,7 +197,8 @@ class LossEvaluator:
 
   Complements the decoding `Evaluator`: it covers the rationale task too and
   costs one forward pass per batch. `num_examples` takes the split's first
-  examples, before they are packed (first-fit packing reorders them).
+  examples (both sequences of each, for a paired task), as the decoding
+  `Evaluator` does, before they are packed (first-fit packing reorders them).
   """
 
   def __init__(
@@ -214,7 +216,7 @@ class LossEvaluator:
         dict(task_feature_lengths), split=split, shuffle=False, num_epochs=1
     )
     if num_examples:
-      examples = examples.take(num_examples)
+      examples = examples.take(num_examples * tasks.sequences_per_example(mixture_or_task_name))
     converter = model.FEATURE_CONVERTER_CLS(pack=True)
     self._dataset = converter(examples, dict(task_feature_lengths))
     self.batch_size = batch_size

@@ -133,28 +133,32 @@ def test_length_sorted_batches_put_the_longest_inputs_first_and_keep_ties_in_ord
   assert [b.tolist() for b in batches] == [[4, 1, 6], [5, 0, 3], [2]]
 
 
-def test_the_loss_evaluators_quick_look_reads_the_splits_first_examples():
-  """`num_examples` counts examples, not packed rows: first-fit packing reorders them."""
+@pytest.mark.parametrize(
+    'task,prefixes',
+    [('demo_gt_standard', ['']), ('demo_gt_step_by_step', ['predict: ', 'explain: '])],
+)
+def test_the_loss_evaluators_quick_look_reads_the_splits_first_examples(task, prefixes):
+  """`num_examples` counts examples (both sequences of a paired one), not packed
+  rows: first-fit packing reorders them."""
   demo.register()
-  task = seqio.get_mixture_or_task('demo_gt_label')
-  vocab = task.output_features['targets'].vocabulary
+  vocab = seqio.get_mixture_or_task(task).output_features['targets'].vocabulary
   model = models.StepByStepModel(
       network.Transformer(dataclasses.replace(CONFIG, vocab_size=vocab.vocab_size)), vocab, vocab
   )
   lengths = {'inputs': 256, 'targets': 128}
   partitioner = partitioning.Partitioner()
   evaluator = evaluation.LossEvaluator(
-      'demo_gt_label', 'validation', lengths, model, partitioner, 8, partitioner.replicated(), 5
+      task, 'validation', lengths, model, partitioner, 8, partitioner.replicated(), 5
   )
   packed = [
       vocab.decode(row['encoder_input_tokens'][row['encoder_segment_ids'] == s].tolist())
       for row in evaluator._dataset.as_numpy_iterator()
       for s in set(row['encoder_segment_ids'].tolist()) - {0}
   ]
-  first = task.get_dataset(lengths, split='validation', shuffle=False).take(5)
-  assert sorted(packed) == sorted(
-      vocab.decode(e['inputs'].tolist()) for e in first.as_numpy_iterator()
-  )
+  plain = seqio.get_mixture_or_task('demo_gt_standard')
+  first = plain.get_dataset(lengths, split='validation', shuffle=False).take(5)
+  inputs = [vocab.decode(e['inputs'].tolist()) for e in first.as_numpy_iterator()]
+  assert sorted(packed) == sorted(p + x for x in inputs for p in prefixes)
 
 
 def test_the_evaluator_decodes_by_length_and_returns_the_splits_order(tmp_path):
