@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import importlib
 import logging
 import os
@@ -25,6 +26,8 @@ from dsbs_jax.errors import ConfigError, DataError
 
 log = logging.getLogger('dsbs_jax')
 DEBUG_ENV = 'DSBS_DEBUG'
+# Allocations between garbage collections, at least (`set_process_defaults`).
+GC_YOUNG_THRESHOLD = 10_000
 
 # Startup lines TensorFlow (the input pipeline's engine) prints on a host without a GPU
 # build's drivers. TensorFlow feeds data only, on the CPU; JAX owns the accelerators.
@@ -46,10 +49,19 @@ def set_process_defaults() -> None:
   path tested against a Cloud Storage emulator, also where TensorFlow is installed.
   TF_ENABLE_ONEDNN_OPTS=0: TensorFlow only moves data here, and its oneDNN kernels
   log a notice per process.
+
+  Python's cyclic garbage collector runs every `GC_YOUNG_THRESHOLD` net
+  allocations at least, instead of every 700: tracing a program allocates
+  millions of short-lived objects, and each third-generation pass walks every
+  object TensorFlow, JAX and SeqIO keep (a tiny `dsbs-train` spent 2.5 s of
+  its ~30 in the collector, 0.85 s at 10,000). Arrays are freed by reference
+  counting as before; only garbage in reference cycles waits longer.
   """
   os.environ.setdefault('EPATH_USE_TF', '0')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+  young, *older = gc.get_threshold()
+  gc.set_threshold(max(young, GC_YOUNG_THRESHOLD), *older)
 
 
 @contextlib.contextmanager

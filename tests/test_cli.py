@@ -340,3 +340,22 @@ def test_a_command_exits_with_its_code_after_its_threads_handlers_and_output(tmp
   assert done.stdout == 'buffered, without a newlinethe atexit handler ran\n'
   assert written.read_text() == 'written'
   assert ('RuntimeError: a bug' in done.stderr) == (outcome == 'raise')
+
+
+def test_process_defaults_raise_the_collectors_threshold_and_keep_a_higher_one():
+  """In a fresh interpreter: Python's 700 becomes GC_YOUNG_THRESHOLD, the older
+  generations' thresholds stay, and a process that set more keeps its own."""
+  probe = textwrap.dedent("""
+      import gc, sys
+      from dsbs_jax import cli
+      gc.set_threshold(int(sys.argv[1]), 7, 9)
+      cli.set_process_defaults()
+      print(*gc.get_threshold())
+      """)
+  seen = [
+      subprocess.run(
+          [sys.executable, '-c', probe, young], cwd=REPO, capture_output=True, text=True, check=True
+      ).stdout.split()
+      for young in ('700', '50000')
+  ]
+  assert seen == [['10000', '7', '9'], ['50000', '7', '9']]
