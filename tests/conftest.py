@@ -50,10 +50,10 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 
 def pytest_collection_finish(session):
-  """Moves what collection imported (TensorFlow, JAX, SeqIO, torch: ~140,000
-  objects that live as long as the process) out of the garbage collector's
-  reach, so its full passes walk only what the tests allocate. With the CLI's
-  threshold, the suite's tests took 1272 s in all instead of 1352."""
+  """Moves what collection imported (TensorFlow, JAX, SeqIO, torch: objects that
+  live as long as the process) out of the garbage collector's reach, so its
+  full passes walk only what the tests allocate (bench/README.md, the test
+  suite)."""
   gc.collect()
   gc.freeze()
 
