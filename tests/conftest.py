@@ -33,7 +33,8 @@ XLA_FLAGS = (
     '--xla_llvm_disable_expensive_passes=true'
 )
 os.environ.setdefault('XLA_FLAGS', XLA_FLAGS.format(8))
-# Imported after: importing dsbs_jax adds its own default to XLA_FLAGS.
+# Imported after: importing dsbs_jax sets XLA_FLAGS itself where it is unset, and
+# the setdefault above would then leave the suite with one device.
 from dsbs_jax import cli as cli_lib  # noqa: E402
 
 cli_lib.set_process_defaults()

@@ -344,7 +344,8 @@ def test_a_command_exits_with_its_code_after_its_threads_handlers_and_output(tmp
 
 def test_process_defaults_raise_the_collectors_threshold_and_keep_a_higher_one():
   """In a fresh interpreter: Python's 700 becomes GC_YOUNG_THRESHOLD, the older
-  generations' thresholds stay, and a process that set more keeps its own."""
+  generations' thresholds stay, and a process that set more, or turned
+  collection off (0), keeps its own."""
   probe = textwrap.dedent("""
       import gc, sys
       from dsbs_jax import cli
@@ -356,6 +357,6 @@ def test_process_defaults_raise_the_collectors_threshold_and_keep_a_higher_one()
       subprocess.run(
           [sys.executable, '-c', probe, young], cwd=REPO, capture_output=True, text=True, check=True
       ).stdout.split()
-      for young in ('700', '50000')
+      for young in ('700', '50000', '0')
   ]
-  assert seen == [['10000', '7', '9'], ['50000', '7', '9']]
+  assert seen == [['10000', '7', '9'], ['50000', '7', '9'], ['0', '7', '9']]
