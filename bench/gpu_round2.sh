@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The accelerator round of bench/README.md, prepared for short loans of one GPU
 # (minutes, compilation included): FLOP utilisation at T5 1.1 base and large
-# against the bf16 matmul peak measured in the same run, three levers, and
+# against the bf16 matmul peak measured in the same run, five levers, and
 # decoding against the reference.
 #
 #   bash bench/gpu_round2.sh prepare DIR              # where the data and TensorFlow are
@@ -12,6 +12,9 @@
 #   base_one_block  the same with all 512 query rows in one attention block (no lax.map)
 #   base_one_pass   the same with the batch in one pass (--grad_steps=1)
 #   base_no_cmdbuf  the same with XLA's command buffers off
+#   base_lhs        the same with XLA's latency-hiding scheduler on
+#   base_bf16_logits
+#                   the same with attention's logits and softmax in bfloat16 (T5X's default)
 #   base_32k        base with T5's 32128-id head on both sides (the ids stay bytes)
 #   base_32k_chunked
 #                   the same, our loss taking 64 target positions' logits at a time
@@ -58,6 +61,8 @@ EOF
         base_one_block) flags=("${train[@]}" --config=base "${two[@]}" --attention_block_size=512) ;;
         base_one_pass) flags=("${train[@]}" --config=base --grad_steps=1 "--prepared=$dir/train_1.npz") ;;
         base_no_cmdbuf) flags=("${train[@]}" --config=base "${two[@]}") xla=--xla_gpu_enable_command_buffer= ;;
+        base_lhs) flags=("${train[@]}" --config=base "${two[@]}") xla=--xla_gpu_enable_latency_hiding_scheduler=true ;;
+        base_bf16_logits) flags=("${train[@]}" --config=base "${two[@]}" --bfloat16_attention_logits) ;;
         base_32k) flags=("${train[@]}" --config=base "${two[@]}" --vocab_size=32128) ;;
         base_32k_chunked)
           flags=("${train[@]}" --config=base "${two[@]}" --vocab_size=32128 --loss_chunk_length=64) ;;

@@ -77,6 +77,12 @@ def parse_args(argv=None):
       help='query rows our attention takes at a time (T5Config.attention_block_size)',
   )
   p.add_argument(
+      '--bfloat16_attention_logits',
+      action='store_true',
+      help="our attention's logits and softmax in bfloat16, as T5X's default "
+      '(T5Config.float32_attention_logits=False); needs --dtype=bfloat16',
+  )
+  p.add_argument(
       '--vocab_size',
       type=int,
       default=0,
@@ -106,6 +112,8 @@ def parse_args(argv=None):
   args = p.parse_args(argv)
   if args.optimizer != 'adamw' and 'reference' in SIDES[args.sides]:
     p.error(f'--optimizer={args.optimizer} needs --sides=ours: the reference trains with AdamW')
+  if args.bfloat16_attention_logits and args.dtype != 'bfloat16':
+    p.error('--bfloat16_attention_logits needs --dtype=bfloat16 (float32 logits already)')
   if args.vocab_size < 0 or args.loss_chunk_length < 0:
     p.error('--vocab_size and --loss_chunk_length must be >= 0 (0: the default)')
   return args
@@ -220,6 +228,7 @@ def build(args):
       dtype=args.dtype,
       remat=args.remat,
       attention_block_size=args.attention_block_size,
+      float32_attention_logits=not args.bfloat16_attention_logits,
       vocab_size=args.vocab_size or config.vocab_size,
   )
   lengths = {'inputs': args.inputs, 'targets': args.targets}
@@ -373,6 +382,7 @@ def main(argv=None):
               'grad_steps': args.grad_steps,
               'remat': args.remat,
               'attention_block_size': args.attention_block_size,
+              'float32_attention_logits': config.float32_attention_logits,
               'vocab_size': config.vocab_size,
               'loss_chunk_length': args.loss_chunk_length or None,
               'lengths': lengths,

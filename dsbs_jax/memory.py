@@ -37,9 +37,10 @@ def activation_bytes_estimate(
 
   Per token and layer: ~10 (encoder) / 14 (decoder) embed-sized tensors and 3
   mlp-sized; attention keeps none of its [b, h, q, k] tensors, but one block
-  of them (logits, probabilities, gradient) exists at a time; plus float32
-  logits (x3 for softmax and its gradient), only `loss_chunk_length` target
-  positions' of them when the loss takes a chunk at a time. Model-parallel
+  of them (logits, probabilities, gradient, in `attention_logits_dtype`)
+  exists at a time; plus float32 logits (x3 for softmax and its gradient),
+  only `loss_chunk_length` target positions' of them when the loss takes a
+  chunk at a time. Model-parallel
   axes divide heads, mlp and vocab. With remat only each layer's input is
   kept, plus one layer's worth at a time.
   """
@@ -60,7 +61,8 @@ def activation_bytes_estimate(
   else:
     elements = config.num_encoder_layers * per_enc + config.num_decoder_layers * per_dec
   logits = 3 * b * min(loss_chunk_length or dec, dec) * config.vocab_size / m
-  return elements * size + (attention_block + logits) * 4
+  attention_size = config.attention_logits_dtype.itemsize
+  return elements * size + attention_block * attention_size + logits * 4
 
 
 def memory_plan(

@@ -52,6 +52,11 @@ class T5Config:
   `attention_block_size` query rows are attended at a time (memory against
   per-block overhead); `remat` recomputes whole layers in the backward pass,
   keeping only each layer's input (memory against about 16% more step time).
+  `float32_attention_logits` keeps attention's logits and softmax in float32
+  when the activations are bfloat16; False computes them in the activation
+  dtype, as T5X does by default (half the bytes of the largest tensors in
+  attention, bfloat16's rounding in its softmax). Ours defaults to True, the
+  numbers this project has always computed.
   """
 
   vocab_size: int
@@ -70,6 +75,7 @@ class T5Config:
   layer_norm_epsilon: float = 1e-6
   remat: bool = False
   attention_block_size: int = 256
+  float32_attention_logits: bool = True
 
   def __post_init__(self):
     for name in (
@@ -91,11 +97,20 @@ class T5Config:
       )
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ConfigError(f'T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate}')
+    if not self.float32_attention_logits and self.activation_dtype == jnp.float32:
+      raise ConfigError(
+          'T5Config.float32_attention_logits=False has no effect with dtype float32 (the '
+          "logits are float32 already); it applies with dtype 'bfloat16'"
+      )
     object.__setattr__(self, 'mlp_activations', tuple(self.mlp_activations))
 
   @property
   def activation_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.dtype)
+
+  @property
+  def attention_logits_dtype(self) -> jnp.dtype:
+    return jnp.dtype(jnp.float32) if self.float32_attention_logits else self.activation_dtype
 
   def architecture(self) -> dict[str, Any]:
     """The fields that define the function the weights compute (not how it runs or trains):
@@ -108,7 +123,13 @@ class T5Config:
 
 
 # T5Config fields that change how the network runs or trains, not what its weights mean.
-_RUNTIME_FIELDS = ('dropout_rate', 'dtype', 'remat', 'attention_block_size')
+_RUNTIME_FIELDS = (
+    'dropout_rate',
+    'dtype',
+    'remat',
+    'attention_block_size',
+    'float32_attention_logits',
+)
 
 
 def relative_position_bucket(
@@ -330,6 +351,7 @@ def dot_product_attention(
     dropout_rng: Optional[Array],
     dropout_rate: float,
     dtype: jnp.dtype,
+    logits_dtype: jnp.dtype = jnp.float32,
     query_start=0,
     kv_layout: str = 'bkhd',
 ) -> Array:
@@ -341,12 +363,13 @@ def dot_product_attention(
   rows `query_start`.. of `bias`. Each block is rematerialised in the backward
   pass, so a layer keeps only q, k and v for it, and at most one block's
   [b, h, block, k] logits exist at a time, instead of several [b, h, q, k]
-  tensors per layer. Logits and softmax are float32.
+  tensors per layer. Logits, bias and softmax are in `logits_dtype`.
   """
 
   def block(start, q, rng):
-    logits = jnp.einsum(f'bqhd,{kv_layout}->bhqk', q, key, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits + bias.rows(start, q.shape[1]), axis=-1).astype(dtype)
+    logits = jnp.einsum(f'bqhd,{kv_layout}->bhqk', q, key, preferred_element_type=logits_dtype)
+    logits = logits + bias.rows(start, q.shape[1]).astype(logits_dtype)
+    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
     if rng is not None and dropout_rate > 0.0:
       keep = jax.random.bernoulli(rng, 1.0 - dropout_rate, weights.shape)
       weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0).astype(dtype)
@@ -461,6 +484,7 @@ class MultiHeadAttention(nn.Module):
         dropout_rng=dropout_rng,
         dropout_rate=cfg.dropout_rate,
         dtype=dtype,
+        logits_dtype=cfg.attention_logits_dtype,
         query_start=query_start,
         kv_layout=kv_layout,
     )

@@ -182,6 +182,15 @@ def test_adafactor_is_refused_beside_the_reference():
   assert train_throughput.parse_args(['--optimizer=adafactor', '--sides=ours']).sides == 'ours'
 
 
+def test_bfloat16_attention_logits_need_bfloat16_activations(capsys):
+  with pytest.raises(SystemExit) as error:
+    train_throughput.parse_args(['--bfloat16_attention_logits'])
+  assert error.value.code == 2
+  assert '--bfloat16_attention_logits needs --dtype=bfloat16' in capsys.readouterr().err
+  args = train_throughput.parse_args(['--dtype=bfloat16', '--bfloat16_attention_logits'])
+  assert args.bfloat16_attention_logits
+
+
 def test_the_decode_bench_refuses_fewer_than_one_width(capsys):
   with pytest.raises(SystemExit) as error:
     decode_throughput.parse_args(['--max_input_widths=0'])

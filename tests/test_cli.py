@@ -89,6 +89,10 @@ def _custom(tmp_path, test_rows=None):
         (['--gin.NOPE=1'], 'the macro NOPE (--gin.NOPE) is set but nothing in this run reads it'),
         (['--gin.TRAIN_STEP=5'], 'nothing in this run reads it (did you mean TRAIN_STEPS'),
         (['--gin.LAMBDA=-1.0'], 'LAMBDA must be >= 0; got -1.0'),
+        (
+            ['--gin.network.T5Config.float32_attention_logits=False'],
+            'T5Config.float32_attention_logits=False has no effect with dtype float32',
+        ),
         (['--gin.ALPHA=0.5'], 'set exactly one of LAMBDA'),
         (
             ['--gin.LAMBDA=0.0'],

@@ -9,6 +9,7 @@ import pytest
 from conftest import synthetic_batch as _batch
 from conftest import tiny_config, tiny_student
 from dsbs_jax import memory, optimizers, partitioning, trainer
+from dsbs_jax.errors import ConfigError
 
 CONFIG = tiny_config(dropout_rate=0.1)
 SHAPES = {'encoder_input_tokens': (8, 16), 'decoder_input_tokens': (8, 12)}
@@ -41,14 +42,59 @@ def test_train_step_on_a_data_by_model_mesh(optimizer):
   ) == pytest.approx(1e-2)
 
 
+def _attention_logits_dtypes(model, params, batch) -> set:
+  """The dtypes of the [b, h, q, k] logits attention computes in the loss: its
+  4-D products that contract head_dim (query by key; the value product
+  contracts the keys, whose lengths here differ from head_dim)."""
+  head_dim = model.module.config.head_dim
+  found = set()
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'dot_general' and eqn.outvars[0].aval.ndim == 4:
+        (contracted, _), _ = eqn.params['dimension_numbers']
+        if [eqn.invars[0].aval.shape[i] for i in contracted] == [head_dim]:
+          found.add(str(eqn.outvars[0].aval.dtype))
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            walk(sub.jaxpr)
+          elif isinstance(sub, jax.extend.core.Jaxpr):
+            walk(sub)
+
+  walk(jax.make_jaxpr(lambda p: model.loss_fn(p, batch, None)[0])(params).jaxpr)
+  return found
+
+
 def test_bfloat16_activations_track_float32():
+  """bfloat16 activations keep attention's logits in float32 unless
+  `float32_attention_logits=False`, which computes them in bfloat16 (T5X's
+  default): each loss tracks float32's, and the setting changes the numbers."""
   batch = _batch()
-  results = {}
-  for dtype in ('float32', 'bfloat16'):
-    t = _trainer(dataclasses.replace(CONFIG, dtype=dtype, dropout_rate=0.0))
-    state = t.create_state(SHAPES)
-    results[dtype] = float(t.model.loss_fn(state.params, batch, None)[0])
+  params = _trainer(dataclasses.replace(CONFIG, dropout_rate=0.0)).create_state(SHAPES).params
+  settings = {
+      'float32': {'dtype': 'float32'},
+      'bfloat16': {'dtype': 'bfloat16'},
+      'bfloat16 logits': {'dtype': 'bfloat16', 'float32_attention_logits': False},
+  }
+  results, logits = {}, {}
+  for name, changes in settings.items():
+    model = tiny_student(dataclasses.replace(CONFIG, dropout_rate=0.0, **changes))
+    results[name] = float(model.loss_fn(params, batch, None)[0])
+    logits[name] = _attention_logits_dtypes(model, params, batch)
+  assert logits == {
+      'float32': {'float32'},
+      'bfloat16': {'float32'},
+      'bfloat16 logits': {'bfloat16'},
+  }
   assert results['bfloat16'] == pytest.approx(results['float32'], rel=2e-2)
+  assert results['bfloat16 logits'] == pytest.approx(results['float32'], rel=2e-2)
+  assert results['bfloat16 logits'] != results['bfloat16']
+
+
+def test_bfloat16_attention_logits_need_bfloat16_activations():
+  with pytest.raises(ConfigError, match='float32_attention_logits=False has no effect'):
+    dataclasses.replace(CONFIG, float32_attention_logits=False)
 
 
 @pytest.mark.parametrize('changes', [{'attention_block_size': 5}, {'remat': True}])
@@ -143,6 +189,20 @@ def test_a_chunked_loss_keeps_one_chunks_logits():
     )
     assert 0.5 < estimate / temp[chunk] < 2, (chunk, estimate, temp[chunk])
   assert temp[16] < 0.3 * temp[None], temp
+
+
+def test_the_plan_counts_attention_blocks_in_their_logits_dtype():
+  """bfloat16 attention logits halve the one block of [b, h, q, k] tensors
+  (logits, probabilities, gradient) that the plan counts."""
+  config = tiny_config(dtype='bfloat16')
+  estimate = {
+      f32: memory.activation_bytes_estimate(
+          dataclasses.replace(config, float32_attention_logits=f32), SHAPES, {'data': 1}
+      )
+      for f32 in (True, False)
+  }
+  block = 3 * 8 * config.num_heads * 16 * 16  # three [8, h, 16, 16] tensors
+  assert estimate[True] - estimate[False] == block * (4 - 2)
 
 
 @pytest.mark.parametrize('remat', [False, True])
