@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The accelerator round of bench/README.md, prepared for short loans of one GPU
 # (minutes, compilation included): FLOP utilisation at T5 1.1 base and large
-# against the bf16 matmul peak measured in the same run, five levers, and
+# against the bf16 matmul peak measured in the same run, levers, and
 # decoding against the reference.
 #
 #   bash bench/gpu_round2.sh prepare DIR              # where the data and TensorFlow are

@@ -48,7 +48,7 @@ def activation_bytes_estimate(
   dec = input_shapes['decoder_input_tokens'][1]
   b = (batch if microbatch_rows is None else microbatch_rows) / mesh_shape.get('data', 1)
   m = mesh_shape.get('model', 1)
-  size = 2 if config.dtype == 'bfloat16' else 4
+  size = config.activation_dtype.itemsize
   heads, mlp = config.num_heads / m, config.mlp_dim / m
   per_enc = b * enc * (10 * config.emb_dim + 3 * mlp)
   per_dec = b * dec * (14 * config.emb_dim + 3 * mlp)

@@ -351,7 +351,7 @@ def dot_product_attention(
     dropout_rng: Optional[Array],
     dropout_rate: float,
     dtype: jnp.dtype,
-    logits_dtype: jnp.dtype = jnp.float32,
+    logits_dtype: jnp.dtype,
     query_start=0,
     kv_layout: str = 'bkhd',
 ) -> Array:

@@ -138,6 +138,31 @@ def tiny_config(**overrides):
   return network.T5Config(**{**fields, **overrides})
 
 
+def attention_logits_dtypes(fn, *args, head_dim: int) -> set[str]:
+  """The dtypes of the [b, h, q, k] attention logits in `fn(*args)`'s traced
+  program: its 4-D products that contract head_dim (query by key; the value
+  product contracts the keys, so the tests' key lengths differ from head_dim)."""
+  import jax.extend
+
+  found = set()
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'dot_general' and eqn.outvars[0].aval.ndim == 4:
+        (contracted, _), _ = eqn.params['dimension_numbers']
+        if [eqn.invars[0].aval.shape[i] for i in contracted] == [head_dim]:
+          found.add(str(eqn.outvars[0].aval.dtype))
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            walk(sub.jaxpr)
+          elif isinstance(sub, jax.extend.core.Jaxpr):
+            walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
 def tiny_student(config=None, **kwargs):
   import seqio
 

@@ -14,6 +14,7 @@ import pytest
 import seqio
 from flax import linen as nn
 
+from conftest import attention_logits_dtypes
 from dsbs_jax import decoding, evaluation, models, network, partitioning
 from dsbs_jax.data import demo
 
@@ -64,6 +65,25 @@ def test_cached_greedy_matches_full_recompute():
   expected = _naive_greedy(model.module, params, enc, length, eos=1)
   np.testing.assert_array_equal(cached, expected)
   assert cached.shape == (4, length)
+
+
+def test_greedy_decoding_runs_with_bfloat16_attention_logits():
+  """`float32_attention_logits=False` reaches the cached decoding loop: its
+  one-token attention computes bfloat16 logits, and it decodes."""
+  vocab = seqio.PassThroughVocabulary(size=50, eos_id=1)
+  config = dataclasses.replace(CONFIG, dtype='bfloat16', float32_attention_logits=False)
+  model = models.StepByStepModel(network.Transformer(config), vocab, vocab)
+  params = nn.meta.unbox(
+      model.get_initial_variables(
+          jax.random.PRNGKey(3), {'encoder_input_tokens': (1, 8), 'decoder_input_tokens': (1, 8)}
+      )
+  )['params']
+  enc = np.random.RandomState(0).randint(2, 50, size=(4, 12)).astype(np.int32)
+  batch = {'encoder_input_tokens': enc, 'decoder_input_tokens': np.zeros((4, 6), np.int32)}
+  predict = functools.partial(model.predict_batch, batch=batch)
+  assert attention_logits_dtypes(predict, params, head_dim=config.head_dim) == {'bfloat16'}
+  tokens = np.asarray(jax.jit(model.predict_batch)(params, batch))
+  assert tokens.shape == (4, 6) and ((tokens >= 0) & (tokens < 50)).all()
 
 
 def test_inputs_cut_to_a_width_decode_the_same():

@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import attention_logits_dtypes, tiny_config, tiny_student
 from conftest import synthetic_batch as _batch
-from conftest import tiny_config, tiny_student
 from dsbs_jax import memory, optimizers, partitioning, trainer
 from dsbs_jax.errors import ConfigError
 
@@ -42,30 +42,6 @@ def test_train_step_on_a_data_by_model_mesh(optimizer):
   ) == pytest.approx(1e-2)
 
 
-def _attention_logits_dtypes(model, params, batch) -> set:
-  """The dtypes of the [b, h, q, k] logits attention computes in the loss: its
-  4-D products that contract head_dim (query by key; the value product
-  contracts the keys, whose lengths here differ from head_dim)."""
-  head_dim = model.module.config.head_dim
-  found = set()
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == 'dot_general' and eqn.outvars[0].aval.ndim == 4:
-        (contracted, _), _ = eqn.params['dimension_numbers']
-        if [eqn.invars[0].aval.shape[i] for i in contracted] == [head_dim]:
-          found.add(str(eqn.outvars[0].aval.dtype))
-      for value in eqn.params.values():
-        for sub in value if isinstance(value, (tuple, list)) else (value,):
-          if isinstance(sub, jax.extend.core.ClosedJaxpr):
-            walk(sub.jaxpr)
-          elif isinstance(sub, jax.extend.core.Jaxpr):
-            walk(sub)
-
-  walk(jax.make_jaxpr(lambda p: model.loss_fn(p, batch, None)[0])(params).jaxpr)
-  return found
-
-
 def test_bfloat16_activations_track_float32():
   """bfloat16 activations keep attention's logits in float32 unless
   `float32_attention_logits=False`, which computes them in bfloat16 (T5X's
@@ -80,8 +56,12 @@ def test_bfloat16_activations_track_float32():
   results, logits = {}, {}
   for name, changes in settings.items():
     model = tiny_student(dataclasses.replace(CONFIG, dropout_rate=0.0, **changes))
-    results[name] = float(model.loss_fn(params, batch, None)[0])
-    logits[name] = _attention_logits_dtypes(model, params, batch)
+
+    def loss(p, model=model):
+      return model.loss_fn(p, batch, None)[0]
+
+    results[name] = float(loss(params))
+    logits[name] = attention_logits_dtypes(loss, params, head_dim=CONFIG.head_dim)
   assert logits == {
       'float32': {'float32'},
       'bfloat16': {'float32'},
