@@ -40,9 +40,8 @@ def activation_bytes_estimate(
   of them (logits, probabilities, gradient, in `attention_logits_dtype`)
   exists at a time; plus float32 logits (x3 for softmax and its gradient),
   only `loss_chunk_length` target positions' of them when the loss takes a
-  chunk at a time. Model-parallel
-  axes divide heads, mlp and vocab. With remat only each layer's input is
-  kept, plus one layer's worth at a time.
+  chunk at a time. Model-parallel axes divide heads, mlp and vocab. With
+  remat only each layer's input is kept, plus one layer's worth at a time.
   """
   batch, enc = input_shapes['encoder_input_tokens']
   dec = input_shapes['decoder_input_tokens'][1]
