@@ -269,13 +269,9 @@ def _jaxpr_matmuls(jaxpr: jax.extend.core.Jaxpr) -> collections.Counter[Matmul]:
     if name in ('while', 'cond'):
       raise ValueError(f'matmuls: a {name} runs its dots a data-dependent number of times')
     times = eqn.params['length'] if name == 'scan' else 1
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else [value]:
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          sub = sub.jaxpr
-        if isinstance(sub, jax.extend.core.Jaxpr):
-          for shape, count in _jaxpr_matmuls(sub).items():
-            found[shape] += times * count
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      for shape, count in _jaxpr_matmuls(sub).items():
+        found[shape] += times * count
   return found
 
 

@@ -152,12 +152,8 @@ def attention_logits_dtypes(fn, *args, head_dim: int) -> set[str]:
         (contracted, _), _ = eqn.params['dimension_numbers']
         if [eqn.invars[0].aval.shape[i] for i in contracted] == [head_dim]:
           found.add(str(eqn.outvars[0].aval.dtype))
-      for value in eqn.params.values():
-        for sub in value if isinstance(value, (tuple, list)) else (value,):
-          if isinstance(sub, jax.extend.core.ClosedJaxpr):
-            walk(sub.jaxpr)
-          elif isinstance(sub, jax.extend.core.Jaxpr):
-            walk(sub)
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
 
   walk(jax.make_jaxpr(fn)(*args).jaxpr)
   return found
