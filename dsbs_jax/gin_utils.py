@@ -19,8 +19,9 @@ import difflib
 import io
 import os
 import re
+import tokenize
 from collections.abc import Iterable, Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import gin
 from dsbs_jax import storage
@@ -80,6 +81,7 @@ def parse(files: Sequence[str], bindings: Sequence[str], user_search_paths: Sequ
   gin.config.register_file_reader(_open_url, lambda p: storage.is_url(p) and storage.exists(p))
   for path in search_paths(user_search_paths):
     gin.add_config_file_search_path(path)
+  _check_syntax(files, bindings)
   gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
   try:
     name = gin.query_parameter(f'%{_TASK_MACRO}')
@@ -153,6 +155,35 @@ class _Syntax(config_parser.ParserDelegate):
     return macro_name
 
 
+def _parsed(text: str, path: Optional[str] = None) -> list[Any]:
+  """The gin statements of `text` (file `path`, or else a binding), references
+  unresolved. Text that does not parse is a `ConfigError` naming the file and line,
+  or the binding."""
+  try:
+    return list(config_parser.ConfigParser(io.StringIO(text), _Syntax()))
+  except SyntaxError as e:
+    what, line, shown = e.msg.rstrip('.'), e.lineno, (e.text or '').strip()
+  except tokenize.TokenError as e:
+    (what, (line, _)), shown = e.args, ''
+    what += ' (a bracket or quote left open)'
+  if what.startswith('malformed node'):  # ast.literal_eval's words for a bare name
+    what = 'Unable to parse value'
+  if what == 'Unable to parse value':
+    what += ' (a value is a Python literal, @reference or %MACRO: a string needs quotes)'
+  if path is None:
+    raise ConfigError(f'gin cannot parse the binding {text!r}: {what}')
+  raise ConfigError(f"{path}:{line}: gin cannot parse {repr(shown) if shown else 'it'}: {what}")
+
+
+def _check_syntax(files: Sequence[str], bindings: Sequence[str]) -> None:
+  """Gin text that does not parse, found before gin reads it: its file and line, or
+  the binding, instead of the parser's traceback."""
+  for _ in _statements(files):
+    pass
+  for binding in bindings:
+    _parsed(binding)
+
+
 def _statements(files: Sequence[str]) -> Iterable[config_parser.BindingStatement]:
   """Every binding statement of `files` and their includes, in parse order."""
   for name in files:
@@ -167,8 +198,7 @@ def _statements(files: Sequence[str]) -> Iterable[config_parser.BindingStatement
     )
     if path is None:
       continue
-    text = storage.read_text(path)
-    for statement in config_parser.ConfigParser(io.StringIO(text), _Syntax()):
+    for statement in _parsed(storage.read_text(path), path):
       if isinstance(statement, config_parser.IncludeStatement):
         yield from _statements([statement.filename])
       elif isinstance(statement, config_parser.BindingStatement):
@@ -181,7 +211,7 @@ def _where(key: tuple[str, str], files: Sequence[str], bindings: Sequence[str]) 
   found = 'the gin configuration'
   statements = list(_statements(files))
   for binding in bindings:
-    statements.extend(config_parser.ConfigParser(io.StringIO(binding), _Syntax()))
+    statements.extend(_parsed(binding))
   for s in statements:
     macro = selector == _MACRO and s.scope == '' and s.selector == scope and not s.arg_name
     plain = (

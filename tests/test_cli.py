@@ -105,6 +105,14 @@ def _custom(tmp_path, test_rows=None):
             'INITIAL_CHECKPOINT_PATH /nonexistent/ckpt: neither a HF save_pretrained directory',
         ),
         (["--gin.vocabularies.sentencepiece.path='x'"], 'gin configuration error: No configurable'),
+        (
+            ['--gin.MODEL_DIR=/tmp/run'],
+            "binding 'MODEL_DIR = /tmp/run': Unable to parse value (a value is a Python literal",
+        ),
+        (
+            ["--gin.TASK_FEATURE_LENGTHS={'inputs': 8"],
+            '8": EOF in multi-line statement (a bracket or quote left open)',
+        ),
     ],
 )
 def test_bad_settings_get_one_clear_line(tmp_path, capsys, args, message):
@@ -133,6 +141,14 @@ def test_a_binding_no_configurable_in_the_run_reads_names_its_file_and_line(tmp_
       f'the binding dsbs_jax.data.vocabularies.sentencepiece.path ({extra}:4) is set but '
       'nothing in this run reads it'
   ) in line
+
+
+def test_a_gin_file_that_does_not_parse_names_its_file_and_line(tmp_path, capsys):
+  inner, outer = tmp_path / 'inner.gin', tmp_path / 'outer.gin'
+  inner.write_text("include 'demo.gin'\n\nBATCH_SIZE = eight\n")
+  outer.write_text(f"include '{inner}'\n")
+  line = _one_line_error(capsys, f'--gin_file={outer}')
+  assert f"{inner}:3: gin cannot parse 'BATCH_SIZE = eight': Unable to parse value" in line
 
 
 def test_an_override_that_another_binding_undoes_is_refused(tmp_path, capsys):
