@@ -182,3 +182,52 @@ def test_the_independent_mixture_counts_sequences():
   steps = _steps('demo_gt_step_by_step_mixture', steps=4)
   for step in steps:
     assert len(_sequences(step, 1)) + len(_sequences(step, 2)) == 6
+
+
+@seqio.map_over_dataset
+def _longer_text_as_inputs(ex):
+  # A Python `if` on tensors: it builds only as AutoGraph converts it (to tf.cond).
+  if tf.size(ex['inputs']) < tf.size(ex['targets']):
+    ex = {**ex, 'inputs': ex['targets'], 'targets': ex['inputs']}
+  return ex
+
+
+def test_autograph_converts_seqios_packing_and_other_tasks_preprocessors_only(monkeypatch):
+  """Our tasks and converter build their maps without AutoGraph (its conversions
+  took about 2 s of every run's start); SeqIO's packing map, a Python loop over
+  tensors, is still converted, and so is a task registered elsewhere."""
+  from tensorflow.python.autograph.impl import api  # where every conversion starts
+
+  converted = []
+  convert = api._convert_actual
+
+  def recorded(entity, program_ctx):
+    converted.append(f'{entity.__module__}.{entity.__qualname__}')
+    return convert(entity, program_ctx)
+
+  monkeypatch.setattr(api, '_convert_actual', recorded)
+  assert _steps('demo_gt_step_by_step', steps=1)
+  assert converted and all(name.startswith('seqio.utils.') for name in converted), converted
+  assert any('_pack_with_tf_ops' in name for name in converted)
+
+  converted.clear()
+  texts = {'inputs': ['a b', 'c', 'a longer text'], 'targets': ['x', 'a longer target', 'y']}
+  seqio.TaskRegistry.add(
+      'autograph_elsewhere',
+      source=seqio.FunctionDataSource(
+          lambda split, shuffle_files, seed=None: tf.data.Dataset.from_tensor_slices(texts),
+          splits=['train'],
+      ),
+      preprocessors=[
+          seqio.preprocessors.tokenize,
+          _longer_text_as_inputs,
+          seqio.preprocessors.append_eos_after_trim,
+      ],
+      output_features={k: seqio.Feature(VOCAB) for k in texts},
+  )
+  try:
+    (step,) = _steps('autograph_elsewhere', steps=1, batch_size=3, register=False)
+  finally:
+    seqio.TaskRegistry.remove('autograph_elsewhere')
+  assert any('_longer_text_as_inputs' in name for name in converted)
+  assert sorted(_sequences(step, 1)) == ['a b', 'a longer target', 'a longer text']

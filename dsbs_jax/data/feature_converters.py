@@ -36,6 +36,8 @@ import tensorflow as tf
 from dsbs_jax import losses
 
 TASK_ID = 'task_id'
+# TensorFlow's AutoGraph context as it is before any code changes it: convert.
+_AUTOGRAPH_DEFAULT = tf.__internal__.autograph.control_status_ctx()
 _TOKEN_TASK_IDS = 'targets_task_ids'
 
 
@@ -53,7 +55,9 @@ class StepByStepFeatureConverter(seqio.EncDecFeatureConverter):
     # seqio.Evaluator measures every output feature, `task_id` included; its
     # length is not a packing length, so it is dropped before validation.
     lengths = {k: v for k, v in task_feature_lengths.items() if k != TASK_ID}
-    return super().__call__(ds, lengths)
+    # Its maps use TensorFlow ops alone, so they are built without AutoGraph (as
+    # `tasks.StepByStepTask`'s are), all but SeqIO's packing map (`_pack_or_pad`).
+    return tf.autograph.experimental.do_not_convert(super().__call__)(ds, lengths)
 
   def _convert_features(
       self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]
@@ -70,6 +74,14 @@ class StepByStepFeatureConverter(seqio.EncDecFeatureConverter):
       ds = _first_fit_ordered(ds, lengths)
     ds = self._pack_or_pad(ds, lengths)
     return ds.map(self._convert_example, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def _pack_or_pad(self, ds: tf.data.Dataset, packed_lengths: Mapping[str, int]) -> tf.data.Dataset:
+    """SeqIO's; packing with TensorFlow's default AutoGraph setting, as SeqIO's
+    packing map loops over tensors in Python."""
+    if not self.pack:
+      return super()._pack_or_pad(ds, packed_lengths)
+    with _AUTOGRAPH_DEFAULT:
+      return super()._pack_or_pad(ds, packed_lengths)
 
   def _convert_example(self, features: Mapping[str, tf.Tensor]) -> Mapping[str, tf.Tensor]:
     converted = dict(super()._convert_example(features))

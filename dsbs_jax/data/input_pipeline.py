@@ -125,7 +125,11 @@ def _steps(
       shard_info=shard,
       num_epochs=None,
   )
-  examples = examples.map(lambda ex: {k: ex[k] for k in ('inputs', 'targets', TASK_ID) if k in ex})
+  examples = examples.map(
+      tf.autograph.experimental.do_not_convert(
+          lambda ex: {k: ex[k] for k in ('inputs', 'targets', TASK_ID) if k in ex}
+      )
+  )
   return packed_steps(examples, per_step, converter, dict(config.task_feature_lengths))
 
 
@@ -144,14 +148,11 @@ def packed_steps(
 
   # `pack` is plain Python that builds a dataset: AutoGraph converting it, and all the
   # SeqIO code it calls, added about 2 s to every run's start and changed nothing.
-  # Only SeqIO's own packing map needs AutoGraph; it gets the outer context's.
-  outer = tf.__internal__.autograph.control_status_ctx()
-
+  # (The converter turns AutoGraph on for SeqIO's packing map, which needs it.)
   @tf.autograph.experimental.do_not_convert
   def pack(step: Mapping[str, tf.Tensor]) -> tf.data.Dataset:
     step_sequences = tf.data.Dataset.from_tensor_slices(step).map(_without_padding)
-    with outer:
-      return converter(step_sequences, lengths).batch(per_step)
+    return converter(step_sequences, lengths).batch(per_step)
 
   return sequences.padded_batch(per_step).flat_map(pack)
 
