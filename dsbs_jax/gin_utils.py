@@ -1,7 +1,7 @@
 """Gin at the edge: the shipped config files, T5X's flags, and bindings that must take effect.
 
 The library never imports gin; the command-line tools use this module to parse
-`--gin_file`/`--gin.KEY=VALUE` as `t5x.train` does, with three additions:
+`--gin_file`/`--gin.KEY=VALUE` as `t5x.train` does, with four additions:
 
   * the shipped `gin/` directory is always searched, from a checkout and from an
     installed wheel, so `--gin_file=gin/demo.gin` and `--gin_file=demo.gin` work
@@ -9,7 +9,9 @@ The library never imports gin; the command-line tools use this module to parse
   * an explicit `MIXTURE_OR_TASK_NAME` is checked against the data settings
     (`tasks.select`) instead of silently replacing them;
   * a binding or macro that nothing the run calls reads is an error naming its
-    file and line, with the nearest known names (`check_bindings_used`).
+    file and line, with the nearest known names (`check_bindings_used`);
+  * text gin cannot parse is an error naming its file and line, or the binding,
+    rather than the parser's traceback.
 """
 
 from __future__ import annotations
@@ -155,15 +157,15 @@ class _Syntax(config_parser.ParserDelegate):
     return macro_name
 
 
-def _parsed(text: str, path: Optional[str] = None) -> list[Any]:
-  """The gin statements of `text` (file `path`, or else a binding), references
-  unresolved. Text that does not parse is a `ConfigError` naming the file and line,
-  or the binding."""
+def _parsed(text: str, path: Optional[str] = None, bindings: Sequence[str] = ()) -> list[Any]:
+  """The gin statements of file `path`'s `text`, or of `bindings` (`text` is them
+  joined, as gin joins them), references unresolved. Text that gin cannot parse is a
+  `ConfigError` naming the file and line, or the binding."""
   try:
-    return list(config_parser.ConfigParser(io.StringIO(text), _Syntax()))
+    return list(config_parser.ConfigParser(io.StringIO(text, newline=None), _Syntax()))
   except SyntaxError as e:
-    what, line, shown = e.msg.rstrip('.'), e.lineno, (e.text or '').strip()
-  except tokenize.TokenError as e:
+    what, line, shown = e.msg.rstrip('.'), e.lineno or 0, (e.text or '').strip()
+  except tokenize.TokenError as e:  # at the end of the text, so no line to show
     (what, (line, _)), shown = e.args, ''
     what += ' (a bracket or quote left open)'
   if what.startswith('malformed node'):  # ast.literal_eval's words for a bare name
@@ -171,21 +173,50 @@ def _parsed(text: str, path: Optional[str] = None) -> list[Any]:
   if what == 'Unable to parse value':
     what += ' (a value is a Python literal, @reference or %MACRO: a string needs quotes)'
   if path is None:
-    raise ConfigError(f'gin cannot parse the binding {text!r}: {what}')
-  raise ConfigError(f"{path}:{line}: gin cannot parse {repr(shown) if shown else 'it'}: {what}")
+    # An open bracket swallows the bindings after it: blame the first that fails alone.
+    for binding in bindings:
+      if len(bindings) > 1 and not _parses(binding):
+        _parsed(binding, bindings=[binding])
+    raise ConfigError(f'gin cannot parse the binding {_binding_at(bindings, line)!r}: {what}')
+  if not shown:
+    raise ConfigError(f'{path}: gin cannot parse the file: {what}')
+  raise ConfigError(f'{path}:{line}: gin cannot parse {shown!r}: {what}')
+
+
+def _parses(text: str) -> bool:
+  try:
+    list(config_parser.ConfigParser(io.StringIO(text, newline=None), _Syntax()))
+  except (SyntaxError, tokenize.TokenError):
+    return False
+  return True
+
+
+def _binding_at(bindings: Sequence[str], line: int) -> str:
+  """The binding that holds `line` of the bindings joined (the last, past their end)."""
+  end = 0
+  for binding in bindings:
+    end += binding.count('\n') + 1
+    if line <= end:
+      return binding
+  return bindings[-1]
 
 
 def _check_syntax(files: Sequence[str], bindings: Sequence[str]) -> None:
   """Gin text that does not parse, found before gin reads it: its file and line, or
   the binding, instead of the parser's traceback."""
-  for _ in _statements(files):
-    pass
-  for binding in bindings:
-    _parsed(binding)
+  list(_statements(files))
+  if bindings:
+    statements = _parsed('\n'.join(bindings), bindings=bindings)
+    list(
+        _statements(
+            [s.filename for s in statements if isinstance(s, config_parser.IncludeStatement)]
+        )
+    )
 
 
 def _statements(files: Sequence[str]) -> Iterable[config_parser.BindingStatement]:
-  """Every binding statement of `files` and their includes, in parse order."""
+  """Every binding statement of `files` and their includes, in parse order. A file
+  that is not found or cannot be read is left for gin to report."""
   for name in files:
     path = next(
         (
@@ -198,7 +229,11 @@ def _statements(files: Sequence[str]) -> Iterable[config_parser.BindingStatement
     )
     if path is None:
       continue
-    for statement in _parsed(storage.read_text(path), path):
+    try:
+      text = storage.read_text(path)
+    except OSError:
+      continue
+    for statement in _parsed(text, path):
       if isinstance(statement, config_parser.IncludeStatement):
         yield from _statements([statement.filename])
       elif isinstance(statement, config_parser.BindingStatement):
@@ -210,8 +245,8 @@ def _where(key: tuple[str, str], files: Sequence[str], bindings: Sequence[str]) 
   scope, selector = key
   found = 'the gin configuration'
   statements = list(_statements(files))
-  for binding in bindings:
-    statements.extend(_parsed(binding))
+  if bindings:
+    statements.extend(_parsed('\n'.join(bindings), bindings=bindings))
   for s in statements:
     macro = selector == _MACRO and s.scope == '' and s.selector == scope and not s.arg_name
     plain = (

@@ -14,6 +14,7 @@ import seqio
 import gin
 from conftest import NO_EVALUATION, REPO, TINY_MODEL, cli
 from dsbs_jax import gin_utils
+from dsbs_jax.errors import ConfigError
 
 QUICK = [*TINY_MODEL, '--gin.TRAIN_STEPS=1', *NO_EVALUATION]
 SVAMP = [
@@ -149,6 +150,20 @@ def test_a_gin_file_that_does_not_parse_names_its_file_and_line(tmp_path, capsys
   outer.write_text(f"include '{inner}'\n")
   line = _one_line_error(capsys, f'--gin_file={outer}')
   assert f"{inner}:3: gin cannot parse 'BATCH_SIZE = eight': Unable to parse value" in line
+
+
+def test_the_syntax_check_reads_as_gin_reads(tmp_path):
+  """Old Mac line ends, and a value or block split over several bindings (gin joins
+  them), parse; bindings that only fail together are refused, naming one."""
+  cr = tmp_path / 'cr.gin'
+  cr.write_bytes(b'X = 1\rY = [2,\r  3]\r')
+  split = ['Z = [1,', '2]', 'f:', '  a = 3']
+  gin_utils._check_syntax([str(cr)], split)  # pylint: disable=protected-access
+  gin.parse_config_files_and_bindings([str(cr)], split, finalize_config=False, skip_unknown=True)
+  with pytest.raises(ConfigError, match=r"gin cannot parse the binding '  Y = 2': unindent"):
+    gin_utils._check_syntax([], ['    X = 1', '  Y = 2'])  # pylint: disable=protected-access
+  with pytest.raises(ConfigError, match=r"the binding 'X = \[1': EOF in multi-line"):
+    gin_utils._check_syntax([], ['X = [1', 'Y = 2'])  # pylint: disable=protected-access
 
 
 def test_an_override_that_another_binding_undoes_is_refused(tmp_path, capsys):

@@ -27,17 +27,17 @@ instead of next-fit's 52.9 and 50.6.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import ClassVar
 
 import seqio
 import tensorflow as tf
+from tensorflow.python.autograph.core import ag_ctx
 
 from dsbs_jax import losses
 
 TASK_ID = 'task_id'
-# TensorFlow's AutoGraph context as it is before any code changes it: convert.
-_AUTOGRAPH_DEFAULT = tf.__internal__.autograph.control_status_ctx()
 _TOKEN_TASK_IDS = 'targets_task_ids'
 
 
@@ -76,11 +76,11 @@ class StepByStepFeatureConverter(seqio.EncDecFeatureConverter):
     return ds.map(self._convert_example, num_parallel_calls=tf.data.AUTOTUNE)
 
   def _pack_or_pad(self, ds: tf.data.Dataset, packed_lengths: Mapping[str, int]) -> tf.data.Dataset:
-    """SeqIO's; packing with TensorFlow's default AutoGraph setting, as SeqIO's
-    packing map loops over tensors in Python."""
-    if not self.pack:
-      return super()._pack_or_pad(ds, packed_lengths)
-    with _AUTOGRAPH_DEFAULT:
+    """SeqIO's; packing with TensorFlow's default AutoGraph setting (convert, whatever
+    the caller's), as SeqIO's packing map loops over tensors in Python. TensorFlow's
+    public API can only turn AutoGraph off, hence its context class."""
+    default = ag_ctx.ControlStatusCtx(status=ag_ctx.Status.UNSPECIFIED)
+    with default if self.pack else contextlib.nullcontext():
       return super()._pack_or_pad(ds, packed_lengths)
 
   def _convert_example(self, features: Mapping[str, tf.Tensor]) -> Mapping[str, tf.Tensor]:
