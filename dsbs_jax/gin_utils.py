@@ -162,7 +162,7 @@ def _parsed(text: str, path: Optional[str] = None, bindings: Sequence[str] = ())
   joined, as gin joins them), references unresolved. Text that gin cannot parse is a
   `ConfigError` naming the file and line, or the binding."""
   try:
-    return list(config_parser.ConfigParser(io.StringIO(text, newline=None), _Syntax()))
+    return _statements_in(text)
   except SyntaxError as e:
     what, line, shown = e.msg.rstrip('.'), e.lineno or 0, (e.text or '').strip()
   except tokenize.TokenError as e:  # at the end of the text, so no line to show
@@ -173,19 +173,24 @@ def _parsed(text: str, path: Optional[str] = None, bindings: Sequence[str] = ())
   if what == 'Unable to parse value':
     what += ' (a value is a Python literal, @reference or %MACRO: a string needs quotes)'
   if path is None:
-    # An open bracket swallows the bindings after it: blame the first that fails alone.
-    for binding in bindings:
-      if len(bindings) > 1 and not _parses(binding):
-        _parsed(binding, bindings=[binding])
+    if len(bindings) > 1:  # an open bracket swallows the bindings after it
+      for binding in bindings:
+        if not _parses(binding):
+          _parsed(binding, bindings=[binding])  # raises, naming it with its own error
     raise ConfigError(f'gin cannot parse the binding {_binding_at(bindings, line)!r}: {what}')
   if not shown:
     raise ConfigError(f'{path}: gin cannot parse the file: {what}')
   raise ConfigError(f'{path}:{line}: gin cannot parse {shown!r}: {what}')
 
 
+def _statements_in(text: str) -> list[Any]:
+  """Gin's statements of `text`, read as gin reads a file (any line ends)."""
+  return list(config_parser.ConfigParser(io.StringIO(text, newline=None), _Syntax()))
+
+
 def _parses(text: str) -> bool:
   try:
-    list(config_parser.ConfigParser(io.StringIO(text, newline=None), _Syntax()))
+    _statements_in(text)
   except (SyntaxError, tokenize.TokenError):
     return False
   return True
