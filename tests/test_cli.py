@@ -160,6 +160,7 @@ def test_the_syntax_check_reads_as_gin_reads(tmp_path):
   split = ['Z = [1,', '2]', 'f:', '  a = 3']
   gin_utils._check_syntax([str(cr)], split)  # pylint: disable=protected-access
   gin.parse_config_files_and_bindings([str(cr)], split, finalize_config=False, skip_unknown=True)
+  gin.clear_config()
   with pytest.raises(ConfigError, match=r"gin cannot parse the binding '  Y = 2': unindent"):
     gin_utils._check_syntax([], ['    X = 1', '  Y = 2'])  # pylint: disable=protected-access
   with pytest.raises(ConfigError, match=r"the binding 'X = \[1': EOF in multi-line"):
