@@ -83,7 +83,7 @@ def parse(files: Sequence[str], bindings: Sequence[str], user_search_paths: Sequ
   gin.config.register_file_reader(_open_url, lambda p: storage.is_url(p) and storage.exists(p))
   for path in search_paths(user_search_paths):
     gin.add_config_file_search_path(path)
-  _check_syntax(files, bindings)
+  _all_statements(files, bindings)  # text gin cannot parse: one line, not its traceback
   gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
   try:
     name = gin.query_parameter(f'%{_TASK_MACRO}')
@@ -162,7 +162,7 @@ def _parsed(text: str, path: Optional[str] = None, bindings: Sequence[str] = ())
   joined, as gin joins them), references unresolved. Text that gin cannot parse is a
   `ConfigError` naming the file and line, or the binding."""
   try:
-    return _statements_in(text)
+    return list(config_parser.ConfigParser(io.StringIO(text, newline=None), _Syntax()))
   except SyntaxError as e:
     what, line, shown = e.msg.rstrip('.'), e.lineno or 0, (e.text or '').strip()
   except tokenize.TokenError as e:  # at the end of the text, so no line to show
@@ -175,25 +175,11 @@ def _parsed(text: str, path: Optional[str] = None, bindings: Sequence[str] = ())
   if path is None:
     if len(bindings) > 1:  # an open bracket swallows the bindings after it
       for binding in bindings:
-        if not _parses(binding):
-          _parsed(binding, bindings=[binding])  # raises, naming it with its own error
+        _parsed(binding, bindings=[binding])  # raises for the first that fails alone
     raise ConfigError(f'gin cannot parse the binding {_binding_at(bindings, line)!r}: {what}')
   if not shown:
     raise ConfigError(f'{path}: gin cannot parse the file: {what}')
   raise ConfigError(f'{path}:{line}: gin cannot parse {shown!r}: {what}')
-
-
-def _statements_in(text: str) -> list[Any]:
-  """Gin's statements of `text`, read as gin reads a file (any line ends)."""
-  return list(config_parser.ConfigParser(io.StringIO(text, newline=None), _Syntax()))
-
-
-def _parses(text: str) -> bool:
-  try:
-    _statements_in(text)
-  except (SyntaxError, tokenize.TokenError):
-    return False
-  return True
 
 
 def _binding_at(bindings: Sequence[str], line: int) -> str:
@@ -206,17 +192,19 @@ def _binding_at(bindings: Sequence[str], line: int) -> str:
   return bindings[-1]
 
 
-def _check_syntax(files: Sequence[str], bindings: Sequence[str]) -> None:
-  """Gin text that does not parse, found before gin reads it: its file and line, or
-  the binding, instead of the parser's traceback."""
-  list(_statements(files))
-  if bindings:
-    statements = _parsed('\n'.join(bindings), bindings=bindings)
-    list(
-        _statements(
-            [s.filename for s in statements if isinstance(s, config_parser.IncludeStatement)]
-        )
-    )
+def _all_statements(
+    files: Sequence[str], bindings: Sequence[str]
+) -> list[config_parser.BindingStatement]:
+  """Every binding statement of `files`, then of `bindings` and the files they include,
+  in gin's order. Text that gin cannot parse is a `ConfigError` (its file and line,
+  or the binding) instead of the parser's traceback."""
+  statements = list(_statements(files))
+  for s in _parsed('\n'.join(bindings), bindings=bindings) if bindings else ():
+    if isinstance(s, config_parser.IncludeStatement):
+      statements.extend(_statements([s.filename]))
+    elif isinstance(s, config_parser.BindingStatement):
+      statements.append(s)
+  return statements
 
 
 def _statements(files: Sequence[str]) -> Iterable[config_parser.BindingStatement]:
@@ -249,10 +237,7 @@ def _where(key: tuple[str, str], files: Sequence[str], bindings: Sequence[str]) 
   """`file:line` (or `--gin.…`) of the last statement that set `key`."""
   scope, selector = key
   found = 'the gin configuration'
-  statements = list(_statements(files))
-  if bindings:
-    statements.extend(_parsed('\n'.join(bindings), bindings=bindings))
-  for s in statements:
+  for s in _all_statements(files, bindings):
     macro = selector == _MACRO and s.scope == '' and s.selector == scope and not s.arg_name
     plain = (
         s.scope == scope

@@ -88,6 +88,10 @@ def _custom(tmp_path, test_rows=None):
         ),
         (['--gin.undefined_thing.x=1'], 'gin configuration error: No configurable matching'),
         (['--gin.NOPE=1'], 'the macro NOPE (--gin.NOPE) is set but nothing in this run reads it'),
+        (
+            ["--gin_bindings=include 'models/demo.gin'", '--gin.NOPE=1'],
+            'the macro NOPE (--gin.NOPE) is set but nothing in this run reads it',
+        ),
         (['--gin.TRAIN_STEP=5'], 'nothing in this run reads it (did you mean TRAIN_STEPS'),
         (['--gin.LAMBDA=-1.0'], 'LAMBDA must be >= 0; got -1.0'),
         (
@@ -158,13 +162,13 @@ def test_the_syntax_check_reads_as_gin_reads(tmp_path):
   cr = tmp_path / 'cr.gin'
   cr.write_bytes(b'X = 1\rY = [2,\r  3]\r')
   split = ['Z = [1,', '2]', 'f:', '  a = 3']
-  gin_utils._check_syntax([str(cr)], split)  # pylint: disable=protected-access
+  gin_utils._all_statements([str(cr)], split)  # pylint: disable=protected-access
   gin.parse_config_files_and_bindings([str(cr)], split, finalize_config=False, skip_unknown=True)
   gin.clear_config()
   with pytest.raises(ConfigError, match=r"gin cannot parse the binding '  Y = 2': unindent"):
-    gin_utils._check_syntax([], ['    X = 1', '  Y = 2'])  # pylint: disable=protected-access
+    gin_utils._all_statements([], ['    X = 1', '  Y = 2'])  # pylint: disable=protected-access
   with pytest.raises(ConfigError, match=r"the binding 'X = \[1': EOF in multi-line"):
-    gin_utils._check_syntax([], ['X = [1', 'Y = 2'])  # pylint: disable=protected-access
+    gin_utils._all_statements([], ['X = [1', 'Y = 2'])  # pylint: disable=protected-access
 
 
 def test_an_override_that_another_binding_undoes_is_refused(tmp_path, capsys):
