@@ -12,7 +12,7 @@ import time
 import fsspec
 import pytest
 
-from conftest import SUBPROCESS_ENV, TINY_MODEL, serves_its_test_predictions
+from conftest import SUBPROCESS_ENV, TINY_MODEL, cli, serves_its_test_predictions
 from dsbs_jax import monitoring, storage
 from dsbs_jax.data import benchmarks, custom
 from dsbs_jax.errors import ConfigError, DataError
@@ -120,6 +120,18 @@ def test_readers_take_urls(gcs, data_root, tmp_path):
       .as_numpy_iterator()
   )
   assert example['inputs_pretokenized'] == b'predict: q'
+
+
+def test_a_gin_file_in_a_bucket_that_does_not_parse_names_its_url_and_line(gcs, capsys):
+  storage.write_atomic('gs://dsbs/gin/inner.gin', "include 'demo.gin'\nMODEL_DIR = /tmp/run\n")
+  storage.write_atomic('gs://dsbs/gin/outer.gin', "include 'gs://dsbs/gin/inner.gin'\n")
+  capsys.readouterr()
+  assert cli('--gin_file=gs://dsbs/gin/outer.gin') == 2
+  assert capsys.readouterr().err.strip() == (
+      "dsbs-train: error: gs://dsbs/gin/inner.gin:2: gin cannot parse 'MODEL_DIR = /tmp/run': "
+      'Unable to parse value (a value is a Python literal, @reference or %MACRO: a string '
+      'needs quotes)'
+  )
 
 
 def _read_lines(url):
