@@ -32,16 +32,28 @@ CONFIG = network.T5Config(
 )
 
 
+def _params(model, seed):
+  """Initial parameters, jitted (op by op, initialisation compiles a program per operation)."""
+  shapes = {'encoder_input_tokens': (1, 8), 'decoder_input_tokens': (1, 8)}
+  init = jax.jit(lambda rng: model.get_initial_variables(rng, shapes))
+  return nn.meta.unbox(init(jax.random.PRNGKey(seed)))['params']
+
+
 def _naive_greedy(module, params, enc, length, eos):
   """Re-runs the full teacher-forced decoder on the growing prefix at every step."""
   out = np.zeros((enc.shape[0], length), np.int32)
   finished = np.zeros(enc.shape[0], bool)
+  greedy = jax.jit(
+      lambda dec_in: jnp.argmax(
+          module.apply(
+              {'params': params}, enc, dec_in, jnp.ones_like(dec_in), enable_dropout=False
+          ),
+          -1,
+      )
+  )
   for t in range(length):
     dec_in = np.concatenate([np.zeros((enc.shape[0], 1), np.int32), out[:, :-1]], 1)
-    logits = module.apply(
-        {'params': params}, enc, dec_in, np.ones_like(dec_in), enable_dropout=False
-    )
-    nxt = np.where(finished, 0, np.asarray(jnp.argmax(logits[:, t], -1)))
+    nxt = np.where(finished, 0, np.asarray(greedy(dec_in))[:, t])
     out[:, t] = nxt
     finished |= nxt == eos
     if finished.all():
@@ -52,10 +64,7 @@ def _naive_greedy(module, params, enc, length, eos):
 def test_cached_greedy_matches_full_recompute():
   vocab = seqio.PassThroughVocabulary(size=50, eos_id=1)
   model = models.StepByStepModel(network.Transformer(CONFIG), vocab, vocab)
-  variables = model.get_initial_variables(
-      jax.random.PRNGKey(3), {'encoder_input_tokens': (1, 8), 'decoder_input_tokens': (1, 8)}
-  )
-  params = nn.meta.unbox(variables)['params']
+  params = _params(model, 3)
   rng = np.random.RandomState(0)
   enc = rng.randint(2, 50, size=(4, 12)).astype(np.int32)
   enc[1, 7:] = 0
@@ -73,11 +82,7 @@ def test_greedy_decoding_runs_with_bfloat16_attention_logits():
   vocab = seqio.PassThroughVocabulary(size=50, eos_id=1)
   config = dataclasses.replace(CONFIG, dtype='bfloat16', float32_attention_logits=False)
   model = models.StepByStepModel(network.Transformer(config), vocab, vocab)
-  params = nn.meta.unbox(
-      model.get_initial_variables(
-          jax.random.PRNGKey(3), {'encoder_input_tokens': (1, 8), 'decoder_input_tokens': (1, 8)}
-      )
-  )['params']
+  params = _params(model, 3)
   enc = np.random.RandomState(0).randint(2, 50, size=(4, 12)).astype(np.int32)
   batch = {'encoder_input_tokens': enc, 'decoder_input_tokens': np.zeros((4, 6), np.int32)}
   predict = functools.partial(model.predict_batch, batch=batch)
@@ -90,11 +95,7 @@ def test_inputs_cut_to_a_width_decode_the_same():
   """Dropping all-padding encoder columns, or adding some, changes no prediction."""
   vocab = seqio.PassThroughVocabulary(size=50, eos_id=1)
   model = models.StepByStepModel(network.Transformer(CONFIG), vocab, vocab)
-  params = nn.meta.unbox(
-      model.get_initial_variables(
-          jax.random.PRNGKey(4), {'encoder_input_tokens': (1, 8), 'decoder_input_tokens': (1, 8)}
-      )
-  )['params']
+  params = _params(model, 4)
   enc = np.zeros((3, 40), np.int32)
   enc[:, :11] = np.random.RandomState(1).randint(2, 50, size=(3, 11))
   enc[2, 5:] = 0
@@ -188,8 +189,7 @@ def test_the_evaluator_decodes_by_length_and_returns_the_splits_order(tmp_path):
   vocab = task.output_features['targets'].vocabulary
   config = dataclasses.replace(CONFIG, vocab_size=vocab.vocab_size)
   model = models.StepByStepModel(network.Transformer(config), vocab, vocab)
-  shapes = {'encoder_input_tokens': (1, 8), 'decoder_input_tokens': (1, 8)}
-  params = nn.meta.unbox(model.get_initial_variables(jax.random.PRNGKey(2), shapes))['params']
+  params = _params(model, 2)
   partitioner = partitioning.Partitioner()
   n = 21  # not a multiple of the batch: the last batch is padded
   evaluator = evaluation.Evaluator(

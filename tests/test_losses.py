@@ -55,14 +55,30 @@ def _model(weights):
   return models.StepByStepModel(network.Transformer(CONFIG), vocab, vocab, task_weights=weights)
 
 
-def _params(model):
-  shapes = {'encoder_input_tokens': (1, 8), 'decoder_input_tokens': (1, 8)}
-  return nn.meta.unbox(model.get_initial_variables(jax.random.PRNGKey(1), shapes))['params']
+def _params(model, shapes=None, seed=1):
+  shapes = shapes or {'encoder_input_tokens': (1, 8), 'decoder_input_tokens': (1, 8)}
+  init = jax.jit(lambda rng: model.get_initial_variables(rng, shapes))
+  return nn.meta.unbox(init(jax.random.PRNGKey(seed)))['params']
+
+
+def _loss_fn(model):
+  """`model.loss_fn` without dropout, jitted: run op by op, the tests here compiled
+  some 200 one-operation programs each (bench/README.md, the test suite)."""
+  return jax.jit(lambda params, batch: model.loss_fn(params, batch, None))
+
+
+@jax.jit
+def _task_loss(params, enc, dec_in, tgt):
+  logits = network.Transformer(CONFIG).apply(
+      {'params': params}, enc, dec_in, tgt, enable_dropout=False
+  )
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, tgt)
+  mask = tgt > 0
+  return jnp.sum(ce * mask) / jnp.sum(mask)
 
 
 def _two_pass_reference(params, examples, lam):
   """What the reference PyTorch code does: one padded forward pass per task, HF-style mean CE."""
-  module = network.Transformer(CONFIG)
   per_task = []
   for task in (1, 2):
     rows = [e for e in examples if e['task_id'][0] == task]
@@ -72,10 +88,7 @@ def _two_pass_reference(params, examples, lam):
       enc[i, : len(e['inputs'])] = e['inputs']
       tgt[i, : len(e['targets'])] = e['targets']
     dec_in = np.concatenate([np.zeros_like(tgt[:, :1]), tgt[:, :-1]], 1)
-    logits = module.apply({'params': params}, enc, dec_in, tgt, enable_dropout=False)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tgt)
-    mask = tgt > 0
-    per_task.append(float(jnp.sum(ce * mask) / jnp.sum(mask)))
+    per_task.append(float(_task_loss(params, enc, dec_in, tgt)))
   return per_task[0] + lam * per_task[1], per_task
 
 
@@ -89,8 +102,9 @@ def test_packed_unpacked_and_two_pass_agree(lam):
   # Task identity survives packing: every target token of a segment has its example's task.
   assert set(np.unique(packed['decoder_task_ids'])) == {0, 1, 2}
   assert np.array_equal(packed['decoder_task_ids'] > 0, packed['decoder_target_tokens'] > 0)
-  loss_packed, m_packed = model.loss_fn(params, packed, None)
-  loss_unpacked, m_unpacked = model.loss_fn(params, unpacked, None)
+  loss_fn = _loss_fn(model)
+  loss_packed, m_packed = loss_fn(params, packed)
+  loss_unpacked, m_unpacked = loss_fn(params, unpacked)
   reference, (ref_label, ref_rationale) = _two_pass_reference(params, examples, lam)
   np.testing.assert_allclose(float(loss_packed), reference, atol=1e-5)
   np.testing.assert_allclose(float(loss_unpacked), reference, atol=1e-5)
@@ -104,7 +118,7 @@ def test_alpha_form_is_the_reference_weighting():
   examples = _examples(np.random.RandomState(1))
   model = _model(losses.task_weights(alpha=0.25))
   params = _params(model)
-  loss, _ = model.loss_fn(params, _convert(examples, True), None)
+  loss, _ = _loss_fn(model)(params, _convert(examples, True))
   _, (label, rationale) = _two_pass_reference(params, examples, 0.0)
   np.testing.assert_allclose(float(loss), 0.25 * label + 0.75 * rationale, atol=1e-5)
 
@@ -115,17 +129,16 @@ def test_lambda_zero_is_standard_finetuning():
   label_only = dict(mixed, decoder_task_ids=np.where(mixed['decoder_task_ids'] == 1, 1, 0))
   model = _model(losses.task_weights(lambda_=0.0))
   params = _params(model)
-  grad = jax.grad(lambda p, b: model.loss_fn(p, b, None)[0])
+  loss_fn = _loss_fn(model)
+  grad = jax.jit(jax.grad(lambda p, b: model.loss_fn(p, b, None)[0]))
   # Rationale tokens contribute exactly nothing: same loss and gradients, bitwise.
-  np.testing.assert_array_equal(
-      model.loss_fn(params, mixed, None)[0], model.loss_fn(params, label_only, None)[0]
-  )
+  np.testing.assert_array_equal(loss_fn(params, mixed)[0], loss_fn(params, label_only)[0])
   jax.tree_util.tree_map(
       np.testing.assert_array_equal, grad(params, mixed), grad(params, label_only)
   )
   # ... and the value is the plain mean token cross-entropy of the label examples.
   _, (label, _) = _two_pass_reference(params, examples, 0.0)
-  np.testing.assert_allclose(float(model.loss_fn(params, mixed, None)[0]), label, atol=1e-5)
+  np.testing.assert_allclose(float(loss_fn(params, mixed)[0]), label, atol=1e-5)
 
 
 def test_plain_seqio_batches_count_as_label_examples():
@@ -137,7 +150,7 @@ def test_plain_seqio_batches_count_as_label_examples():
   _, (label, rationale) = _two_pass_reference(params, examples, 0.0)
   n = [sum(len(e['targets']) for e in examples if e['task_id'][0] == t) for t in (1, 2)]
   pooled = (label * n[0] + rationale * n[1]) / sum(n)
-  np.testing.assert_allclose(float(model.loss_fn(params, plain, None)[0]), pooled, atol=1e-5)
+  np.testing.assert_allclose(float(_loss_fn(model)(params, plain)[0]), pooled, atol=1e-5)
 
 
 @pytest.mark.parametrize('vocab,offset', [(11, 0.0), (32128, 30.0)])
@@ -239,16 +252,13 @@ def test_score_batch_is_each_rows_log_likelihood():
   student = tiny_student()
   batch = synthetic_batch(rows=3, ragged=True)
   del batch['decoder_task_ids']  # plain SeqIO rows: every target token counts
-  params = nn.meta.unbox(
-      student.get_initial_variables(
-          jax.random.PRNGKey(0),
-          {k: batch[k].shape for k in ('encoder_input_tokens', 'decoder_input_tokens')},
-      )['params']
-  )
-  scores = np.asarray(student.score_batch(params, batch))
+  shapes = {k: batch[k].shape for k in ('encoder_input_tokens', 'decoder_input_tokens')}
+  params = _params(student, shapes, seed=0)
+  scores = np.asarray(jax.jit(student.score_batch)(params, batch))
+  loss_fn = _loss_fn(student)
   for i in range(3):
     row = {k: v[i : i + 1] for k, v in batch.items()}
-    _, metrics = student.loss_fn(params, row, None)
+    _, metrics = loss_fn(params, row)
     assert scores[i] == pytest.approx(
         -float(metrics['label/loss']) * float(metrics['label/tokens']), rel=1e-5
     )

@@ -117,9 +117,11 @@ def _exports_to_huggingface(checkpoint, step, output, capsys):
   hf_model = transformers.T5ForConditionalGeneration.from_pretrained(str(output)).eval()
   tokens = np.random.RandomState(0).randint(2, 384, size=(2, 20))
   decoder_in = np.concatenate([np.zeros((2, 1), int), tokens[:, :9]], axis=1)
-  ours = network.Transformer(config).apply(
-      {'params': params}, tokens, decoder_in, tokens[:, :10], enable_dropout=False
-  )
+  ours = jax.jit(
+      lambda p: network.Transformer(config).apply(
+          {'params': p}, tokens, decoder_in, tokens[:, :10], enable_dropout=False
+      )
+  )(params)
   with torch.no_grad():
     theirs = hf_model(
         input_ids=torch.tensor(tokens), decoder_input_ids=torch.tensor(decoder_in)

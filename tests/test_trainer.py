@@ -60,7 +60,7 @@ def test_bfloat16_activations_track_float32():
     def loss(p, model=model):
       return model.loss_fn(p, batch, None)[0]
 
-    results[name] = float(loss(params))
+    results[name] = float(jax.jit(loss)(params))
     logits[name] = attention_logits_dtypes(loss, params, head_dim=CONFIG.head_dim)
   assert logits == {
       'float32': {'float32'},
@@ -87,7 +87,7 @@ def test_blocked_attention_and_remat_give_the_same_loss_and_gradients(changes):
   params = base.create_state(SHAPES).params
 
   def grad(t):
-    return jax.value_and_grad(lambda p: t.model.loss_fn(p, batch, None)[0])(params)
+    return jax.jit(jax.value_and_grad(lambda p: t.model.loss_fn(p, batch, None)[0]))(params)
 
   (loss, grads), (loss_b, grads_b) = grad(base), grad(
       _trainer(dataclasses.replace(config, **changes))
