@@ -170,6 +170,17 @@ def tiny_student(config=None, **kwargs):
   )
 
 
+def initial_params(model, seed=0, shapes=None):
+  """`model`'s initial parameters, unboxed, initialised by one jitted program: run op
+  by op, an initialisation compiles a program per operation and shape."""
+  import jax
+  from flax import linen as nn
+
+  shapes = shapes or {'encoder_input_tokens': (1, 8), 'decoder_input_tokens': (1, 8)}
+  init = jax.jit(lambda rng: model.get_initial_variables(rng, shapes))
+  return nn.meta.unbox(init(jax.random.PRNGKey(seed)))['params']
+
+
 def synthetic_batch(rows=8, inputs=16, targets=12, seed=0, ragged=False, input_length=None):
   """A batch of random ids, one example per row; even rows are label examples, odd rows
   rationales.

@@ -12,9 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import seqio
-from flax import linen as nn
 
-from conftest import attention_logits_dtypes
+from conftest import attention_logits_dtypes, initial_params
 from dsbs_jax import decoding, evaluation, models, network, partitioning
 from dsbs_jax.data import demo
 
@@ -30,13 +29,6 @@ CONFIG = network.T5Config(
     relative_attention_num_buckets=8,
     relative_attention_max_distance=16,
 )
-
-
-def _params(model, seed):
-  """Initial parameters, jitted (op by op, initialisation compiles a program per operation)."""
-  shapes = {'encoder_input_tokens': (1, 8), 'decoder_input_tokens': (1, 8)}
-  init = jax.jit(lambda rng: model.get_initial_variables(rng, shapes))
-  return nn.meta.unbox(init(jax.random.PRNGKey(seed)))['params']
 
 
 def _naive_greedy(module, params, enc, length, eos):
@@ -64,7 +56,7 @@ def _naive_greedy(module, params, enc, length, eos):
 def test_cached_greedy_matches_full_recompute():
   vocab = seqio.PassThroughVocabulary(size=50, eos_id=1)
   model = models.StepByStepModel(network.Transformer(CONFIG), vocab, vocab)
-  params = _params(model, 3)
+  params = initial_params(model, 3)
   rng = np.random.RandomState(0)
   enc = rng.randint(2, 50, size=(4, 12)).astype(np.int32)
   enc[1, 7:] = 0
@@ -82,7 +74,7 @@ def test_greedy_decoding_runs_with_bfloat16_attention_logits():
   vocab = seqio.PassThroughVocabulary(size=50, eos_id=1)
   config = dataclasses.replace(CONFIG, dtype='bfloat16', float32_attention_logits=False)
   model = models.StepByStepModel(network.Transformer(config), vocab, vocab)
-  params = _params(model, 3)
+  params = initial_params(model, 3)
   enc = np.random.RandomState(0).randint(2, 50, size=(4, 12)).astype(np.int32)
   batch = {'encoder_input_tokens': enc, 'decoder_input_tokens': np.zeros((4, 6), np.int32)}
   predict = functools.partial(model.predict_batch, batch=batch)
@@ -95,7 +87,7 @@ def test_inputs_cut_to_a_width_decode_the_same():
   """Dropping all-padding encoder columns, or adding some, changes no prediction."""
   vocab = seqio.PassThroughVocabulary(size=50, eos_id=1)
   model = models.StepByStepModel(network.Transformer(CONFIG), vocab, vocab)
-  params = _params(model, 4)
+  params = initial_params(model, 4)
   enc = np.zeros((3, 40), np.int32)
   enc[:, :11] = np.random.RandomState(1).randint(2, 50, size=(3, 11))
   enc[2, 5:] = 0
@@ -189,7 +181,7 @@ def test_the_evaluator_decodes_by_length_and_returns_the_splits_order(tmp_path):
   vocab = task.output_features['targets'].vocabulary
   config = dataclasses.replace(CONFIG, vocab_size=vocab.vocab_size)
   model = models.StepByStepModel(network.Transformer(config), vocab, vocab)
-  params = _params(model, 2)
+  params = initial_params(model, 2)
   partitioner = partitioning.Partitioner()
   n = 21  # not a multiple of the batch: the last batch is padded
   evaluator = evaluation.Evaluator(

@@ -9,6 +9,7 @@ import seqio
 import tensorflow as tf
 from flax import linen as nn
 
+from conftest import initial_params, synthetic_batch, tiny_config, tiny_student
 from dsbs_jax import losses, models, network
 from dsbs_jax.data.feature_converters import StepByStepFeatureConverter
 from dsbs_jax.errors import ConfigError
@@ -55,12 +56,6 @@ def _model(weights):
   return models.StepByStepModel(network.Transformer(CONFIG), vocab, vocab, task_weights=weights)
 
 
-def _params(model, shapes=None, seed=1):
-  shapes = shapes or {'encoder_input_tokens': (1, 8), 'decoder_input_tokens': (1, 8)}
-  init = jax.jit(lambda rng: model.get_initial_variables(rng, shapes))
-  return nn.meta.unbox(init(jax.random.PRNGKey(seed)))['params']
-
-
 def _loss_fn(model):
   """`model.loss_fn` without dropout, jitted: run op by op, the tests here compiled
   some 200 one-operation programs each (bench/README.md, the test suite)."""
@@ -96,7 +91,7 @@ def _two_pass_reference(params, examples, lam):
 def test_packed_unpacked_and_two_pass_agree(lam):
   examples = _examples(np.random.RandomState(0))
   model = _model(losses.task_weights(lambda_=lam))
-  params = _params(model)
+  params = initial_params(model, seed=1)
   packed, unpacked = _convert(examples, True), _convert(examples, False)
   assert packed['encoder_input_tokens'].shape[0] < len(examples), 'examples were not packed'
   # Task identity survives packing: every target token of a segment has its example's task.
@@ -117,7 +112,7 @@ def test_packed_unpacked_and_two_pass_agree(lam):
 def test_alpha_form_is_the_reference_weighting():
   examples = _examples(np.random.RandomState(1))
   model = _model(losses.task_weights(alpha=0.25))
-  params = _params(model)
+  params = initial_params(model, seed=1)
   loss, _ = _loss_fn(model)(params, _convert(examples, True))
   _, (label, rationale) = _two_pass_reference(params, examples, 0.0)
   np.testing.assert_allclose(float(loss), 0.25 * label + 0.75 * rationale, atol=1e-5)
@@ -128,7 +123,7 @@ def test_lambda_zero_is_standard_finetuning():
   mixed = _convert(examples, True)
   label_only = dict(mixed, decoder_task_ids=np.where(mixed['decoder_task_ids'] == 1, 1, 0))
   model = _model(losses.task_weights(lambda_=0.0))
-  params = _params(model)
+  params = initial_params(model, seed=1)
   loss_fn = _loss_fn(model)
   grad = jax.jit(jax.grad(lambda p, b: model.loss_fn(p, b, None)[0]))
   # Rationale tokens contribute exactly nothing: same loss and gradients, bitwise.
@@ -146,7 +141,7 @@ def test_plain_seqio_batches_count_as_label_examples():
   batch = _convert(examples, False)
   plain = {k: v for k, v in batch.items() if k != 'decoder_task_ids'}
   model = _model((1.0, 1.0))
-  params = _params(model)
+  params = initial_params(model, seed=1)
   _, (label, rationale) = _two_pass_reference(params, examples, 0.0)
   n = [sum(len(e['targets']) for e in examples if e['task_id'][0] == t) for t in (1, 2)]
   pooled = (label * n[0] + rationale * n[1]) / sum(n)
@@ -195,8 +190,6 @@ def test_a_chunked_loss_gives_the_same_loss_metrics_and_gradients(tied):
   """`loss_chunk_length` changes what exists at a time, not what is computed: chunks
   of 5 positions (which do not divide the 12 targets) against all at once, with
   label smoothing and z-loss, for both kinds of head."""
-  from conftest import synthetic_batch, tiny_config, tiny_student
-
   config = tiny_config(logits_via_embedding=tied)
   batch = synthetic_batch(ragged=True)
   shapes = {k: batch[k].shape for k in ('encoder_input_tokens', 'decoder_input_tokens')}
@@ -247,13 +240,11 @@ def test_a_chunked_loss_gives_the_same_loss_metrics_and_gradients(tied):
 def test_score_batch_is_each_rows_log_likelihood():
   """T5X's scoring API (`t5x.infer` mode 'score'): row i scores minus the sum of its
   target tokens' cross-entropy, what loss_fn averages over a one-row batch."""
-  from conftest import synthetic_batch, tiny_student
-
   student = tiny_student()
   batch = synthetic_batch(rows=3, ragged=True)
   del batch['decoder_task_ids']  # plain SeqIO rows: every target token counts
   shapes = {k: batch[k].shape for k in ('encoder_input_tokens', 'decoder_input_tokens')}
-  params = _params(student, shapes, seed=0)
+  params = initial_params(student, seed=0, shapes=shapes)
   scores = np.asarray(jax.jit(student.score_batch)(params, batch))
   loss_fn = _loss_fn(student)
   for i in range(3):

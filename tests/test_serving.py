@@ -8,14 +8,13 @@ import functools
 import json
 import urllib.request
 
-import flax.linen as nn
 import jax
 import numpy as np
 import openai
 import pytest
 import seqio
 
-from conftest import serve_app, tiny_config
+from conftest import initial_params, serve_app, tiny_config
 from dsbs_jax import checkpoints, export, models, network, server, serving
 from dsbs_jax.data import demo
 
@@ -28,8 +27,7 @@ def model_dir(tmp_path_factory):
   config = tiny_config(vocab_size=384)
   vocab = seqio.ByteVocabulary()
   model = models.StepByStepModel(network.Transformer(config), vocab, vocab)
-  shapes = {'encoder_input_tokens': (1, 8), 'decoder_input_tokens': (1, 8)}
-  params = nn.meta.unbox(model.get_initial_variables(jax.random.PRNGKey(0), shapes))['params']
+  params = initial_params(model)
   directory = tmp_path_factory.mktemp('serve') / 'run'
   checkpointer = checkpoints.Checkpointer(directory / 'checkpoints', async_save=False)
   metadata = {
