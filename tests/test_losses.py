@@ -64,6 +64,7 @@ def _loss_fn(model):
 
 @jax.jit
 def _task_loss(params, enc, dec_in, tgt):
+  """One task's padded pass: its target tokens' mean cross-entropy, as HF averages it."""
   logits = network.Transformer(CONFIG).apply(
       {'params': params}, enc, dec_in, tgt, enable_dropout=False
   )
