@@ -7,7 +7,6 @@ import optax
 import pytest
 import seqio
 import tensorflow as tf
-from flax import linen as nn
 
 from conftest import initial_params, synthetic_batch, tiny_config, tiny_student
 from dsbs_jax import losses, models, network
@@ -195,8 +194,7 @@ def test_a_chunked_loss_gives_the_same_loss_metrics_and_gradients(tied):
   batch = synthetic_batch(ragged=True)
   shapes = {k: batch[k].shape for k in ('encoder_input_tokens', 'decoder_input_tokens')}
   student = tiny_student(config)
-  init = jax.jit(lambda rng: student.get_initial_variables(rng, shapes))
-  params = nn.meta.unbox(init(jax.random.PRNGKey(0)))['params']
+  params = initial_params(student, seed=0, shapes=shapes)
   # Every other target is the model's own greedy token, so accuracy is compared too.
   greedy = jax.jit(
       lambda p, b: student.module.apply(
